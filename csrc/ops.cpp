@@ -1,0 +1,31 @@
+// Operator schemas of the fastproto extension and the Python module object.
+// Kernels register themselves per dispatch key: CPU in csrc/*.cpp, CUDA in csrc/cuda/*.cpp.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastproto, m) {
+  // Connected components of binary masks [B,H,W] (bool/uint8), per image, labels 1..K (0 = background).
+  m.def("connected_components(Tensor masks, int connectivity) -> Tensor");
+  // Splits maps [B,H,W] float32 by masks [B,H,W] bool into normal-pixel scores, anomalous-pixel scores
+  // and the size of the connected region each anomalous pixel belongs to; also the number of regions.
+  m.def("split_pixels(Tensor maps, Tensor masks, int connectivity) -> (Tensor, Tensor, Tensor, Tensor)");
+  // For distinct ascending float32 values U[G], counts the normal scores equal to each U[g] (eq[G])
+  // and those strictly inside each gap (gap[G+1]: gap[0] below U[0], gap[G] above U[G-1]).
+  m.def("count_negatives(Tensor[] scores, Tensor values) -> (Tensor, Tensor)");
+  // Adds scores into histograms keyed on the top `bits` bits of the monotone float32 key.
+  m.def("histogram_update(Tensor(a!) neg_hist, Tensor(b!) pos_hist, Tensor(c!) weight_hist, Tensor neg_scores, "
+        "Tensor pos_scores, Tensor pos_sizes, int bits) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef FASTPROTO_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+#ifdef _OPENMP
+  m.attr("WITH_OPENMP") = true;
+#else
+  m.attr("WITH_OPENMP") = false;
+#endif
+}

@@ -1,0 +1,65 @@
+"""Environment report: versions and which implementation each op family dispatches to."""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import torch
+
+from fastproto import _ext
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # triton is optional; any import failure means "not available"
+        return None
+
+
+def info(print_out: bool = True) -> dict:
+    """Collect (and by default print) versions and active implementations."""
+    import fastproto
+
+    cuda = torch.cuda.is_available()
+    report = {
+        "fastproto": fastproto.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "triton": _triton_version(),
+        "cuda_available": cuda,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "extension": _ext.available(),
+        "extension_error": _ext.load_error(),
+        "extension_cuda": _ext.cuda_built(),
+        "openmp_threads": torch.get_num_threads(),
+        "implementations": {
+            "connected_components": {
+                "cpu": "c++" if _ext.has_op("connected_components", "cpu") else "scipy",
+                "cuda": "cuda" if _ext.has_op("connected_components", "cuda") else "cpu-copy",
+            },
+            "exact_metrics": {
+                "cpu": "c++" if _ext.has_op("count_negatives", "cpu") else "torch",
+                "cuda": "cuda" if _ext.has_op("count_negatives", "cuda") else "torch",
+            },
+            "binned_metrics": {
+                "cpu": "c++" if _ext.has_op("histogram_update", "cpu") else "torch",
+                "cuda": "cuda" if _ext.has_op("histogram_update", "cuda") else "torch",
+            },
+            "anomaly_map": {"cpu": "reference", "cuda": "triton" if _triton_version() else "reference"},
+        },
+    }
+    if print_out:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            if key == "implementations":
+                print("implementations:")
+                for name, impls in value.items():
+                    print(f"  {name:<22} " + ", ".join(f"{d}={i}" for d, i in impls.items()))
+            elif value is not None or key == "extension_error":
+                if key == "extension_error" and value is None:
+                    continue
+                print(f"{key:<{width}} {value}")
+    return report
