@@ -1,0 +1,31 @@
+"""Triton kernels, one module per op family.
+
+Nothing here is imported eagerly: :func:`is_available` tells whether ``import triton`` works, and
+the ops layer (``fastproto.ops``) imports a kernel module only when it dispatches to it. This keeps
+``import fastproto`` free of Triton and lets tests set ``TRITON_INTERPRET=1`` before the kernels
+are defined.
+"""
+from __future__ import annotations
+
+import os
+
+_AVAILABLE = None
+
+
+def is_available() -> bool:
+    """True when the ``triton`` package imports (cached after the first call)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _AVAILABLE = True
+        except Exception:  # any import failure means "not available"
+            _AVAILABLE = False
+    return _AVAILABLE
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on the CPU (for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
