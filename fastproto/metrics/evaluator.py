@@ -242,7 +242,9 @@ class Evaluator:
             raise ValueError("Evaluator.compute() called before any update (no images)")
         if with_bounds and self.protocol != "binned":
             raise ValueError("with_bounds=True applies to protocol='binned' only (the others are exact or fixed)")
-        results = {name: self._compute_category(name, cat, with_bounds) for name, cat in self._categories.items()}
+        results = {}
+        for name, cat in self._categories.items():
+            results[name] = self._compute_category(name, cat, with_bounds)
         keys = list(next(iter(results.values())))
         results["mean"] = {k: float(sum(r[k] for r in results.values()) / len(results)) for k in keys}
         return results
@@ -299,4 +301,4 @@ def _warn_undefined(name: str, out: dict, labels: torch.Tensor) -> None:
     if any(k.startswith("p_") or k == "aupro" for k in undefined):
         reasons.append("no anomalous pixel or no normal pixel")
     warnings.warn(f"category {name!r}: {', '.join(undefined)} undefined ({'; '.join(reasons)}): reported as NaN",
-                  RuntimeWarning, stacklevel=3)
+                  RuntimeWarning, stacklevel=4)
