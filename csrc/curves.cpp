@@ -6,10 +6,22 @@
 #include <algorithm>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "checks.h"
 #include "common.h"
 
 namespace fastproto {
 namespace {
+
+#ifdef _OPENMP
+int omp_threads() { return omp_get_max_threads(); }
+#else
+int omp_threads() { return 1; }
+int omp_get_thread_num() { return 0; }
+#endif
 
 // Locates float keys among G distinct ascending keys through a direct-mapped table over the key
 // range: bucket t holds the keys whose (key - lo) >> shift == t, so a lookup is one table read plus
@@ -91,36 +103,56 @@ std::tuple<at::Tensor, at::Tensor> count_negatives_cpu(at::TensorList scores, co
   return {eq, gap};
 }
 
-void histogram_update_cpu(at::Tensor neg_hist, at::Tensor pos_hist, at::Tensor weight_hist, const at::Tensor& neg,
-                          const at::Tensor& pos, const at::Tensor& sizes, int64_t bits) {
-  TORCH_CHECK(bits >= 8 && bits <= 32, "bits must be in [8, 32], got ", bits);
-  const int64_t nb = int64_t(1) << bits;
-  TORCH_CHECK(neg_hist.numel() == nb && neg_hist.scalar_type() == at::kLong && neg_hist.is_contiguous(),
-              "neg_hist must be contiguous int64 with 2**bits entries");
-  TORCH_CHECK(pos_hist.numel() == nb && pos_hist.scalar_type() == at::kLong && pos_hist.is_contiguous(),
-              "pos_hist must be contiguous int64 with 2**bits entries");
-  TORCH_CHECK(weight_hist.numel() == nb && weight_hist.scalar_type() == at::kDouble && weight_hist.is_contiguous(),
-              "weight_hist must be contiguous float64 with 2**bits entries");
+void histogram_update_cpu(at::Tensor neg_hist, at::Tensor pos_hist, at::Tensor weight_hist, const at::Tensor& page_base,
+                          const at::Tensor& page_shift, const at::Tensor& neg, const at::Tensor& pos,
+                          const at::Tensor& sizes, int64_t prefix_bits) {
+  check_histograms(neg_hist, pos_hist, weight_hist, page_base, page_shift, prefix_bits);
   check_scores(neg, "neg_scores");
   check_scores(pos, "pos_scores");
   TORCH_CHECK(sizes.scalar_type() == at::kInt && sizes.numel() == pos.numel() && sizes.is_contiguous(),
               "pos_sizes must be contiguous int32 with one entry per anomalous score");
-  const int shift = int(32 - bits);
+  const int page_shift_bits = int(32 - prefix_bits);
+  const uint32_t low_mask = (uint32_t(1) << page_shift_bits) - 1;
+  const int64_t* base = page_base.data_ptr<int64_t>();
+  const int64_t* shift = page_shift.data_ptr<int64_t>();
+  auto bin_of = [=](float x) {
+    const uint32_t k = float_key(x);
+    const uint32_t h = k >> page_shift_bits;
+    return base[h] + int64_t((k & low_mask) >> shift[h]);
+  };
+  const int64_t nb = neg_hist.numel();
   int64_t* nh = neg_hist.data_ptr<int64_t>();
-  int64_t* ph = pos_hist.data_ptr<int64_t>();
-  double* wh = weight_hist.data_ptr<double>();
   const float* np_ = neg.data_ptr<float>();
   const int64_t n = neg.numel();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t b = float_key(np_[i]) >> shift;
-#pragma omp atomic
-    nh[b] += 1;
+  // Few scores per bin: private copies per thread would cost more than the counting (and atomics cost
+  // more than a second core gains), so count serially.
+  const int threads = (n < (int64_t(1) << 16) || n < 4 * nb) ? 1 : omp_threads();
+  if (threads == 1) {
+    for (int64_t i = 0; i < n; ++i) nh[bin_of(np_[i])] += 1;
+  } else {
+    // Private 32-bit counts per thread (no atomics), merged once; slabs keep each count below 2**32.
+    const int64_t slab = int64_t(1) << 31;
+    std::vector<std::vector<uint32_t>> priv(threads);
+    for (int64_t s0 = 0; s0 < n; s0 += slab) {
+      const int64_t s1 = std::min(n, s0 + slab);
+#pragma omp parallel num_threads(threads)
+      {
+        auto& mine = priv[omp_get_thread_num()];
+        mine.assign(nb, 0);
+#pragma omp for schedule(static)
+        for (int64_t i = s0; i < s1; ++i) mine[bin_of(np_[i])] += 1;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; ++b)
+          for (int t = 0; t < threads; ++t) nh[b] += priv[t][b];
+      }
+    }
   }
+  int64_t* ph = pos_hist.data_ptr<int64_t>();
+  double* wh = weight_hist.data_ptr<double>();
   const float* pp = pos.data_ptr<float>();
   const int32_t* sp = sizes.data_ptr<int32_t>();
-  for (int64_t i = 0, m = pos.numel(); i < m; ++i) {
-    const uint32_t b = float_key(pp[i]) >> shift;
+  for (int64_t i = 0, m = pos.numel(); i < m; ++i) {  // anomalous pixels are few: serial keeps the sum order fixed
+    const int64_t b = bin_of(pp[i]);
     ph[b] += 1;
     wh[b] += 1.0 / double(sp[i]);
   }

@@ -12,9 +12,12 @@ TORCH_LIBRARY(fastproto, m) {
   // For distinct ascending float32 values U[G], counts the normal scores equal to each U[g] (eq[G])
   // and those strictly inside each gap (gap[G+1]: gap[0] below U[0], gap[G] above U[G-1]).
   m.def("count_negatives(Tensor[] scores, Tensor values) -> (Tensor, Tensor)");
-  // Adds scores into histograms keyed on the top `bits` bits of the monotone float32 key.
-  m.def("histogram_update(Tensor(a!) neg_hist, Tensor(b!) pos_hist, Tensor(c!) weight_hist, Tensor neg_scores, "
-        "Tensor pos_scores, Tensor pos_sizes, int bits) -> ()");
+  // Adds scores into a paged histogram of the monotone float32 key: the top `prefix_bits` bits select a
+  // page h, whose bins start at page_base[h]; the bin inside the page is the key's remaining low bits
+  // shifted right by page_shift[h] (a page with shift 32 - prefix_bits is one bin). neg_hist/pos_hist count
+  // normal/anomalous scores (int64), weight_hist sums 1/pos_size (float64).
+  m.def("histogram_update(Tensor(a!) neg_hist, Tensor(b!) pos_hist, Tensor(c!) weight_hist, Tensor page_base, "
+        "Tensor page_shift, Tensor neg_scores, Tensor pos_scores, Tensor pos_sizes, int prefix_bits) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

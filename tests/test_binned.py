@@ -8,7 +8,7 @@ import torch
 from fastproto import _ext
 from fastproto.metrics import Evaluator, compute_metrics
 from fastproto.metrics.components import split_pixels
-from fastproto.metrics.curves import histogram_update
+from fastproto.metrics.binned import LOW_BITS, PAGES, PREFIX_BITS, float_key, histogram_update
 from fastproto.reference import metrics as ref
 from tests._data import blob_masks, maps_for
 
@@ -23,7 +23,7 @@ def exact_and_binned(maps, masks, bits):
     return exact, ev.compute(with_bounds=True)["all"]
 
 
-@pytest.mark.parametrize("bits", [8, 12, 16, 20])
+@pytest.mark.parametrize("bits", [12, 16, 20, 26])
 @pytest.mark.parametrize("kind", ["smooth", "ties", "heavy", "constant"])
 def test_error_within_bound(rng, bits, kind):
     masks = blob_masks(rng, 10, 32, 32)
@@ -43,7 +43,7 @@ def test_bound_is_not_trivial(rng):
     masks = blob_masks(rng, 10, 32, 32)
     masks[0, 5, 5] = True
     masks[-1] = False
-    _, coarse = exact_and_binned(maps_for(rng, masks, "ties"), masks, 8)
+    _, coarse = exact_and_binned(maps_for(rng, masks, "ties"), masks, 12)
     assert coarse["p_auroc_bound"] > 1e-4
     exact, fine = exact_and_binned(maps_for(rng, masks, "smooth"), masks, 20)
     assert fine["p_auroc_bound"] < 1e-3
@@ -56,51 +56,80 @@ def test_cpp_histogram_matches_torch(rng):
     maps = maps_for(rng, masks, "heavy")
     maps[0, 0, :3] = [-0.0, 0.0, -1e-30]
     split = split_pixels(torch.from_numpy(maps), torch.from_numpy(masks))
-    for bits in (8, 16, 22):
+    for max_bits in (0, 4, 10):
+        # random layout: pages of random sizes in key order, a few at full resolution
+        bits = torch.from_numpy(rng.integers(0, max_bits + 1, PAGES))
+        bits[torch.from_numpy(rng.integers(0, PAGES, 3))] = LOW_BITS
+        sizes = torch.ones(PAGES, dtype=torch.long) << bits
+        base = torch.cumsum(sizes, 0) - sizes
+        shift = LOW_BITS - bits
+        n_bins = int(sizes.sum())
         hists = []
         for impl in ("auto", "reference"):
-            h = (torch.zeros(1 << bits, dtype=torch.long), torch.zeros(1 << bits, dtype=torch.long),
-                 torch.zeros(1 << bits, dtype=torch.float64))
-            histogram_update(*h, split.neg, split.pos, split.pos_sizes, bits, impl=impl)
+            h = (torch.full((n_bins,), 0, dtype=torch.long), torch.zeros(n_bins, dtype=torch.long),
+                 torch.zeros(n_bins, dtype=torch.float64))
+            histogram_update(*h, base, shift, split.neg, split.pos, split.pos_sizes, PREFIX_BITS, impl=impl)
             hists.append(h)
         assert torch.equal(hists[0][0], hists[1][0]) and torch.equal(hists[0][1], hists[1][1])
         torch.testing.assert_close(hists[0][2], hists[1][2], rtol=1e-12, atol=0)
         assert int(hists[0][0].sum()) == split.neg.numel()
 
 
-def test_merge_equals_single_pass(rng):
+def split_evaluators(protocol, maps, masks, cats, at, **kw):
+    left, right = Evaluator(protocol, **kw), Evaluator(protocol, **kw)
+    left.update(maps[:at], masks[:at], categories=cats[:at])
+    right.update(maps[at:], masks[at:], categories=cats[at:])
+    return left, right
+
+
+def test_exact_merge_equals_single_pass(rng):
     masks = blob_masks(rng, 12, 24, 24)
     masks[0, 1, 1] = True
     maps = maps_for(rng, masks)
     cats = ["a" if i % 3 else "b" for i in range(12)]
-    for protocol in ("exact", "binned"):
-        whole = Evaluator(protocol)
-        whole.update(maps, masks, categories=cats)
-        left, right = Evaluator(protocol), Evaluator(protocol)
-        left.update(maps[:5], masks[:5], categories=cats[:5])
-        right.update(maps[5:], masks[5:], categories=cats[5:])
-        merged = left.merge(right).compute()
-        expected = whole.compute()
-        for cat in expected:
-            for key, value in expected[cat].items():
-                assert merged[cat][key] == pytest.approx(value, abs=1e-12, nan_ok=True), (protocol, cat, key)
+    whole = Evaluator()
+    whole.update(maps, masks, categories=cats)
+    left, right = split_evaluators("exact", maps, masks, cats, 5)
+    merged, expected = left.merge(right).compute(), whole.compute()
+    for cat in expected:
+        for key, value in expected[cat].items():
+            assert merged[cat][key] == pytest.approx(value, abs=1e-12, nan_ok=True), (cat, key)
+
+
+@pytest.mark.parametrize("max_bins", [0, 3000, 1 << 20])
+def test_binned_merge_keeps_counts_and_bounds(rng, max_bins):
+    """Halves laid out differently (resolution chosen per first batch) merge into one valid state."""
+    masks = blob_masks(rng, 12, 24, 24)
+    masks[0, 1, 1] = True
+    masks[-1] = False
+    maps = maps_for(rng, masks, "heavy")
+    maps[6:] *= 1e3  # the second half touches pages the first never saw
+    cats = ["a"] * 12
+    exact = compute_metrics(maps, masks)
+    left, right = split_evaluators("binned", maps, masks, cats, 6, bins_bits=24, max_bins=max_bins)
+    merged = left.merge(right)
+    hist = merged._categories["a"].hist
+    assert int(hist.neg.sum()) == int((~masks).sum()) and int(hist.pos.sum()) == int(masks.sum())
+    assert hist.n_bins - PAGES <= max_bins
+    out = merged.compute(with_bounds=True)["a"]
+    for key in PIXEL:
+        assert abs(out[key] - exact[key]) <= out[key + "_bound"], key
 
 
 def test_binned_state_is_fixed_size():
-    ev = Evaluator("binned", bins_bits=16)
+    ev = Evaluator("binned", bins_bits=20, max_bins=1000)
     sizes = []
     rng = np.random.default_rng(0)
-    for _ in range(3):
-        ev.update(rng.random((4, 32, 32), dtype=np.float32), rng.random((4, 32, 32)) < 0.1)
+    for i in range(4):  # scores spread over ever more octaves: the page budget caps the state
+        maps = np.exp(rng.uniform(-20 * (i + 1), 20 * (i + 1), (4, 32, 32))).astype(np.float32)
+        ev.update(maps, rng.random((4, 32, 32)) < 0.1)
         cat = ev._categories["all"]
-        sizes.append(sum(h.numel() * h.element_size() for h in cat.hist))
-    assert sizes[0] == sizes[-1] == (1 << 16) * 24
+        sizes.append(cat.hist.nbytes)
+    assert max(sizes) <= (PAGES + 1000) * 24 and cat.hist.n_bins > PAGES + 250
     assert not cat.neg and not cat.pos  # no pixel kept
 
 
 def test_float_key_is_monotone():
-    from fastproto.metrics.curves import float_key
-
     x = torch.tensor([-math.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3e38, math.inf])
     k = float_key(x)
     assert torch.all(k[1:] >= k[:-1]) and k[4] == k[5]

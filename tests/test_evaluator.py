@@ -66,9 +66,13 @@ def _worker(rank, world, init_file, protocol, maps, masks, cats, queue):
 @pytest.mark.parametrize("protocol", ["exact", "binned"])
 def test_distributed_sync_equals_single_process(rng, protocol):
     maps, masks, cats = dataset(rng)
-    single = Evaluator(protocol, **({"bins_bits": 16} if protocol == "binned" else {}))
-    single.update(maps, masks, categories=list(cats))
-    expected = single.compute()
+    # the single-process equivalent: one evaluator per rank's share, merged
+    kw = {"bins_bits": 16} if protocol == "binned" else {}
+    shares = [Evaluator(protocol, **kw) for _ in range(2)]
+    for rank, ev in enumerate(shares):
+        idx = np.arange(rank, len(maps), 2)
+        ev.update(maps[idx], masks[idx], categories=list(cats[idx]))
+    expected = shares[0].merge(shares[1]).compute()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:

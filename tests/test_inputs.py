@@ -103,7 +103,7 @@ def test_bad_options():
         Evaluator("sklearn")
     with pytest.raises(ValueError, match="image_score must be one of"):
         Evaluator(image_score="mean")
-    with pytest.raises(ValueError, match="bins_bits applies to protocol='binned' only"):
+    with pytest.raises(ValueError, match="bins_bits and max_bins apply to protocol='binned' only"):
         Evaluator(bins_bits=16)
     with pytest.raises(ValueError, match="with_bounds=True applies"):
         ev = Evaluator()

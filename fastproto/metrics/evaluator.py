@@ -20,12 +20,14 @@ import torch
 
 from fastproto.metrics import _inputs
 from fastproto.metrics.components import split_pixels
-from fastproto.metrics.curves import binned_metrics, exact_metrics, histogram_update
+from fastproto.metrics.binned import PagedHistogram
+from fastproto.metrics.curves import exact_metrics
 
 METRICS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
 PROTOCOLS = ("exact", "binned", "dinomaly", "ader", "adeval")
 IMAGE_SCORE_RULES = ("max", "topk_mean", "avgpool_max")
-DEFAULT_BINS_BITS = 20
+DEFAULT_BINS_BITS = 28
+DEFAULT_MAX_BINS = 1 << 20
 
 
 @dataclass
@@ -39,18 +41,14 @@ class _Category:
     pos_sizes: list = field(default_factory=list)
     maps: list = field(default_factory=list)
     masks: list = field(default_factory=list)
-    hist: tuple | None = None
+    hist: PagedHistogram | None = None
 
     def merge(self, other: "_Category") -> None:
         for name in ("image_scores", "image_labels", "neg", "pos", "pos_sizes", "maps", "masks"):
             getattr(self, name).extend(getattr(other, name))
         self.n_regions += other.n_regions
         if other.hist is not None:
-            if self.hist is None:
-                self.hist = tuple(h.clone() for h in other.hist)
-            else:
-                for mine, theirs in zip(self.hist, other.hist):
-                    mine += theirs.to(mine.device)
+            self.hist = other.hist.clone() if self.hist is None else self.hist.merge(other.hist)
 
 
 def image_scores_from_maps(maps: torch.Tensor, rule: str, topk: float) -> torch.Tensor:
@@ -73,14 +71,16 @@ class Evaluator:
             neighbour. ``None`` evaluates at the given size.
         connectivity: 8 (MVTec official) or 4 for ground-truth regions.
         mask_threshold: float masks are binarised with ``> mask_threshold``.
-        bins_bits: binned protocol only: number of top key bits used as bins (default 20: 2**20 bins,
-            24 MiB of state per category).
+        bins_bits: binned protocol only: resolution as bits of the float32 key inside the pages the data
+            occupies (default 28: a bin is 2**-19 of its value wide).
+        max_bins: binned protocol only: bin budget (default 2**20: at most 24.1 MiB of state per category);
+            see :mod:`fastproto.metrics.binned`.
         legacy_options: forwarded to :func:`fastproto.metrics.legacy.legacy_category_metrics`.
     """
 
     def __init__(self, protocol: str = "exact", *, device=None, image_score: str = "max", topk: float = 0.01,
                  fpr_limit: float = 0.3, resolution=None, connectivity: int = 8, mask_threshold: float = 0.5,
-                 bins_bits: int | None = None, legacy_options: dict | None = None, impl: str = "auto"):
+                 bins_bits: int | None = None, max_bins: int | None = None, legacy_options: dict | None = None, impl: str = "auto"):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if image_score not in IMAGE_SCORE_RULES:
@@ -92,10 +92,13 @@ class Evaluator:
         if connectivity not in (4, 8):
             raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
         bits = DEFAULT_BINS_BITS if bins_bits is None else int(bins_bits)
-        if not 8 <= bits <= 28:
-            raise ValueError(f"bins_bits must be in [8, 28], got {bits}")
-        if protocol != "binned" and bins_bits is not None:
-            raise ValueError("bins_bits applies to protocol='binned' only")
+        if not 12 <= bits <= 32:
+            raise ValueError(f"bins_bits must be in [12, 32], got {bits}")
+        if protocol != "binned" and (bins_bits is not None or max_bins is not None):
+            raise ValueError("bins_bits and max_bins apply to protocol='binned' only")
+        budget = DEFAULT_MAX_BINS if max_bins is None else int(max_bins)
+        if budget < 0:
+            raise ValueError(f"max_bins must be >= 0, got {budget}")
         if legacy_options and protocol not in ("dinomaly", "ader", "adeval"):
             raise ValueError("legacy_options applies to the legacy protocols only")
         self.protocol = protocol
@@ -107,6 +110,7 @@ class Evaluator:
         self.connectivity = connectivity
         self.mask_threshold = mask_threshold
         self.bins_bits = bits
+        self.max_bins = budget
         self.legacy_options = dict(legacy_options or {})
         self.impl = impl
         self._categories: dict[str, _Category] = {}
@@ -120,10 +124,8 @@ class Evaluator:
     def categories(self) -> list[str]:
         return list(self._categories)
 
-    def _new_hist(self):
-        n = 1 << self.bins_bits
-        return (torch.zeros(n, dtype=torch.long, device=self.device), torch.zeros(n, dtype=torch.long, device=self.device),
-                torch.zeros(n, dtype=torch.float64, device=self.device))
+    def _new_hist(self) -> PagedHistogram:
+        return PagedHistogram(self.bins_bits, self.max_bins, self.device)
 
     @torch.no_grad()
     def update(self, anomaly_maps, masks, categories=None, image_scores=None, image_labels=None) -> None:
@@ -174,16 +176,20 @@ class Evaluator:
         else:
             if cat.hist is None:
                 cat.hist = self._new_hist()
-            histogram_update(*cat.hist, split.neg, split.pos, split.pos_sizes, self.bins_bits, impl=self.impl)
+            cat.hist.update(split.neg, split.pos, split.pos_sizes, impl=self.impl)
 
     # ------------------------------------------------------------------------------------------- merge
+
+    def _settings(self) -> tuple:
+        return (self.protocol, self.fpr_limit, self.connectivity, self.bins_bits, self.max_bins, self.resolution,
+                self.image_score, self.topk, self.mask_threshold)
 
     def merge(self, other: "Evaluator") -> "Evaluator":
         """Add another evaluator's state (same protocol and options) into this one."""
         if not isinstance(other, Evaluator):
             raise TypeError(f"can only merge an Evaluator, got {type(other).__name__}")
-        mine = (self.protocol, self.fpr_limit, self.connectivity, self.bins_bits, self.resolution, self.image_score)
-        theirs = (other.protocol, other.fpr_limit, other.connectivity, other.bins_bits, other.resolution, other.image_score)
+        mine = self._settings()
+        theirs = other._settings()
         if mine != theirs:
             raise ValueError(f"cannot merge evaluators with different settings: {mine} vs {theirs}")
         if self.device is None:
@@ -210,14 +216,13 @@ class Evaluator:
             merged = {}
             for name in names:
                 cat = _Category(hist=self._categories[name].hist if name in self._categories else self._new_hist())
+                cat.hist.all_reduce(group)
                 for g in gathered:
                     if name in g:
                         s, lab, r = g[name]
                         cat.image_scores += [t.to(self.device) for t in s]
                         cat.image_labels += [t.to(self.device) for t in lab]
                         cat.n_regions += r
-                for h in cat.hist:
-                    dist.all_reduce(h, group=group)
                 merged[name] = cat
             self._categories = merged
             return self
@@ -267,7 +272,7 @@ class Evaluator:
                 pixel = exact_metrics(cat.neg, torch.cat(cat.pos), torch.cat(cat.pos_sizes), cat.n_regions,
                                       self.fpr_limit, impl=self.impl)
             else:
-                pixel = binned_metrics(*cat.hist, cat.n_regions, self.fpr_limit)
+                pixel = cat.hist.metrics(cat.n_regions, self.fpr_limit)
             out.update(p_auroc=pixel["auroc"], p_ap=pixel["ap"], p_f1max=pixel["f1max"], aupro=pixel["aupro"])
             if with_bounds:
                 bounds = {"i_auroc_bound": 0.0, "i_ap_bound": 0.0, "i_f1max_bound": 0.0,
@@ -285,7 +290,7 @@ def _to_device(cat: _Category, device) -> _Category:
     move = lambda xs: [x.to(device) for x in xs]  # noqa: E731
     return _Category(image_scores=move(cat.image_scores), image_labels=move(cat.image_labels), n_regions=cat.n_regions,
                      neg=move(cat.neg), pos=move(cat.pos), pos_sizes=move(cat.pos_sizes), maps=list(cat.maps),
-                     masks=list(cat.masks), hist=None if cat.hist is None else tuple(h.to(device) for h in cat.hist))
+                     masks=list(cat.masks), hist=None if cat.hist is None else cat.hist.to(device))
 
 
 def _warn_undefined(name: str, out: dict, labels: torch.Tensor) -> None:

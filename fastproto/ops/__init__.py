@@ -1,0 +1,10 @@
+"""Fused ops: functional API + nn.Module per op family, dispatching between implementations
+(``impl="auto"|"triton"|"reference"``; see each module).
+
+The functions below shadow the submodule names on this package (``fastproto.ops.anomaly_map`` is
+the function); import a submodule by its full name (``from fastproto.ops.anomaly_map import ...``)
+to reach its other members.
+"""
+from fastproto.ops.anomaly_map import AnomalyMap, anomaly_map, gaussian_blur, image_score  # noqa: F401
+
+__all__ = ["anomaly_map", "gaussian_blur", "image_score", "AnomalyMap"]

@@ -1,0 +1,6 @@
+"""Plain-PyTorch reference of every op: the ground truth for tests and the CPU fallback.
+
+Submodules are exposed as modules (not re-exported functions) so that an op's reference and its
+public wrapper in ``fastproto.ops`` can share a name without shadowing each other.
+"""
+from fastproto.reference import anomaly_map  # noqa: F401  (anomaly_map, gaussian_blur, image_score)

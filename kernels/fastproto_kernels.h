@@ -1,0 +1,62 @@
+// Launchers of the CUDA kernels in kernels/*.cu, called by the host wrappers in csrc/cuda/*.cpp.
+// Plain pointers and sizes only (no torch types). Every launcher enqueues its kernels on `stream`,
+// never synchronises, and returns the first error reported by cudaGetLastError() (cudaSuccess if none).
+// Empty inputs launch nothing.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastproto {
+namespace cuda {
+
+// ---- Connected components of masks [B,H,W] (bool, contiguous), per image, 4- or 8-connectivity.
+// Requires H*W < 2^31. `parent` is scratch of B*H*W int32; on return parent[b*H*W + i] holds, for every
+// foreground pixel i of image b, the raster index (within image b) of the first pixel of its component.
+
+// Union-find; writes root_flags[p] = 1 where p is the first pixel of its component, else 0.
+cudaError_t launch_cc_roots(const bool* masks, int32_t* parent, int32_t* root_flags, int64_t B, int64_t H,
+                            int64_t W, int connectivity, cudaStream_t stream);
+
+// Final labels after launch_cc_roots: `ranks` is the inclusive prefix sum of root_flags over the whole
+// batch (flattened), so a component's label is the number of roots of its image up to its own root.
+cudaError_t launch_cc_relabel(const bool* masks, const int32_t* parent, const int32_t* ranks, int32_t* labels,
+                              int64_t B, int64_t H, int64_t W, cudaStream_t stream);
+cudaError_t launch_cc_relabel(const bool* masks, const int32_t* parent, const int64_t* ranks, int32_t* labels,
+                              int64_t B, int64_t H, int64_t W, cudaStream_t stream);
+
+// Union-find; adds each component's pixel count into area[b*H*W + root] and the number of components
+// into *n_regions. `area` and `*n_regions` must be zero on entry.
+cudaError_t launch_cc_areas(const bool* masks, int32_t* parent, int32_t* area, unsigned long long* n_regions,
+                            int64_t B, int64_t H, int64_t W, int connectivity, cudaStream_t stream);
+
+// split_pixels output after launch_cc_areas: `pos_rank` is the inclusive prefix sum of the flattened
+// masks. Writes the scores of normal pixels to neg and of anomalous pixels to pos, each in image-major
+// raster order, and the area of each anomalous pixel's component to sizes.
+cudaError_t launch_split_scatter(const float* maps, const bool* masks, const int32_t* parent, const int32_t* area,
+                                 const int32_t* pos_rank, float* neg, float* pos, int32_t* sizes, int64_t B,
+                                 int64_t H, int64_t W, cudaStream_t stream);
+cudaError_t launch_split_scatter(const float* maps, const bool* masks, const int32_t* parent, const int32_t* area,
+                                 const int64_t* pos_rank, float* neg, float* pos, int32_t* sizes, int64_t B,
+                                 int64_t H, int64_t W, cudaStream_t stream);
+
+// ---- Curve passes over float32 scores. Scores are compared through the monotone uint32 key of
+// csrc/common.h (-0.0 == +0.0), as the CPU kernels do.
+
+// For G distinct ascending values (G < 2^31 - 1), adds to eq[g] the scores equal to values[g] and to
+// gap[g] those strictly between values[g-1] and values[g] (gap[0]: below all, gap[G]: above all).
+// The scores are num_chunks device arrays: chunks[c] (host array of device pointers) of sizes[c] floats.
+cudaError_t launch_count_negatives(const float* const* chunks, const int64_t* sizes, int64_t num_chunks,
+                                   const float* values, int64_t G, int64_t* eq, int64_t* gap, cudaStream_t stream);
+
+// Adds scores into a paged histogram (see histogram_update in csrc/ops.cpp): page h = key >> (32 - prefix_bits),
+// bin = page_base[h] + ((key & low bits) >> page_shift[h]), a valid index for every page (checked by the caller).
+// neg_hist counts neg, pos_hist counts pos, weight_hist sums 1/pos_sizes. The float64 sums are atomic, so
+// their summation order (hence last-bit rounding) varies from run to run.
+cudaError_t launch_histogram_update(const float* neg, int64_t n_neg, const float* pos, const int32_t* pos_sizes,
+                                    int64_t n_pos, const int64_t* page_base, const int64_t* page_shift,
+                                    int prefix_bits, int64_t* neg_hist, int64_t* pos_hist, double* weight_hist,
+                                    cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastproto
