@@ -4,7 +4,7 @@
 set -u
 OUT=${OUT:-/tmp/fastproto_gpu}; mkdir -p "$OUT"
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-export MAX_JOBS=16 FASTPROTO_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
+export MAX_JOBS=16 FASTPROTO_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 start=$(date +%s)
 timeout 200 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s"
 grep -E "error|Error" "$OUT/build.log" | head -20

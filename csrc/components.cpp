@@ -80,6 +80,7 @@ void check_masks(const at::Tensor& masks, const char* name) {
   TORCH_CHECK(masks.dim() == 3, name, " must be [B,H,W], got ", masks.sizes());
   TORCH_CHECK(masks.scalar_type() == at::kBool, name, " must be bool, got ", masks.scalar_type());
   TORCH_CHECK(masks.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(masks.device().is_cpu(), name, " must be on the CPU for this kernel, got ", masks.device());
 }
 
 at::Tensor connected_components_cpu(const at::Tensor& masks, int64_t connectivity) {
@@ -106,6 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_pixels_cpu(cons
   check_masks(masks, "masks");
   TORCH_CHECK(maps.dim() == 3 && maps.scalar_type() == at::kFloat && maps.is_contiguous(),
               "anomaly maps must be contiguous float32 [B,H,W]");
+  TORCH_CHECK(maps.device() == masks.device(), "anomaly maps must be on the same device as masks, got ",
+              maps.device(), " and ", masks.device());
   TORCH_CHECK(maps.sizes() == masks.sizes(), "anomaly maps ", maps.sizes(), " and masks ", masks.sizes(),
               " differ in shape");
   TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ", connectivity);
