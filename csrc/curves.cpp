@@ -107,7 +107,7 @@ void histogram_update_cpu(at::Tensor neg_hist, at::Tensor pos_hist, at::Tensor w
                           const at::Tensor& page_shift, const at::Tensor& neg, const at::Tensor& pos,
                           const at::Tensor& sizes, int64_t prefix_bits) {
   check_histograms(neg_hist, pos_hist, weight_hist, page_base, page_shift, prefix_bits);
-  for (const auto* t : {&neg_hist, &pos_hist, &weight_hist, &page_base, &page_shift})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&neg_hist, &pos_hist, &weight_hist, &page_base, &page_shift})
     TORCH_CHECK(t->device().is_cpu(), "histograms and page tables must be on the same device as the scores (CPU)");
   check_scores(neg, "neg_scores");
   check_scores(pos, "pos_scores");
