@@ -27,39 +27,45 @@ int omp_get_thread_num() { return 0; }
 // range: bucket t holds the keys whose (key - lo) >> shift == t, so a lookup is one table read plus
 // a binary search inside one bucket (a few entries on real data; log G at worst).
 struct KeyIndex {
-  std::vector<uint32_t> keys;
-  std::vector<int64_t> start;  // start[t] = first key index with bucket >= t
+  std::vector<uint32_t> keys;  // G keys, then sentinels (UINT32_MAX: above every finite score's key)
+  std::vector<int32_t> start;  // start[t] = first key index with bucket >= t (int32: the table stays in cache)
   uint32_t lo = 0, hi = 0;
   int shift = 0;
+  int64_t G = 0;
 
-  explicit KeyIndex(const float* values, int64_t G) : keys(G) {
+  explicit KeyIndex(const float* values, int64_t n) : keys(n + 2, UINT32_MAX), G(n) {
     for (int64_t i = 0; i < G; ++i) keys[i] = float_key(values[i]);
-    if (G == 0) return;
+    if (G == 0) {
+      start.assign(2, 0);
+      return;
+    }
     lo = keys.front();
-    hi = keys.back();
+    hi = keys[G - 1];
     const uint64_t range = uint64_t(hi - lo) + 1;
-    const uint64_t target = std::max<uint64_t>(1024, std::min<uint64_t>(uint64_t(1) << 22, 4 * uint64_t(G)));
+    // About eight buckets per key: nearly every bucket holds at most two keys, found without a search loop.
+    const uint64_t target = std::max<uint64_t>(1024, std::min<uint64_t>(uint64_t(1) << 23, 8 * uint64_t(G)));
     while ((range >> shift) > target) ++shift;
     const int64_t T = int64_t((range - 1) >> shift) + 1;
-    start.assign(T + 1, G);
+    start.assign(T + 1, int32_t(G));
     int64_t i = 0;
     for (int64_t t = 0; t < T; ++t) {
       while (i < G && int64_t((keys[i] - lo) >> shift) < t) ++i;
-      start[t] = i;
+      start[t] = int32_t(i);
     }
   }
 
-  // Returns (index of the first key >= k, whether it equals k).
-  inline std::pair<int64_t, bool> locate(uint32_t k) const {
-    const int64_t G = int64_t(keys.size());
-    if (G == 0 || k < lo) return {0, false};
-    if (k > hi) return {G, false};
-    const int64_t t = int64_t((k - lo) >> shift);
-    const uint32_t* first = keys.data() + start[t];
-    const uint32_t* last = keys.data() + start[t + 1];
-    const uint32_t* it = std::lower_bound(first, last, k);
-    const int64_t idx = it - keys.data();
-    return {idx, idx < G && keys[idx] == k};
+  // Index of the first key >= k (G when none), times two, plus one when that key equals k: the counter slot.
+  inline int64_t slot(uint32_t k) const {
+    const uint32_t c = std::min(std::max(k, lo), hi);  // scores outside the keys' range land in the end buckets
+    const int64_t t = int64_t((c - lo) >> shift);
+    const int64_t first = start[t], n = start[t + 1] - first;
+    int64_t idx;
+    if (n <= 2) {  // branch-free for the common small bucket (sentinels make the reads safe)
+      idx = first + int64_t(n > 0 && keys[first] < k) + int64_t(n > 1 && keys[first + 1] < k);
+    } else {
+      idx = std::lower_bound(keys.data() + first, keys.data() + first + n, k) - keys.data();
+    }
+    return 2 * idx + int64_t(keys[idx] == k);
   }
 };
 
@@ -71,35 +77,41 @@ void check_scores(const at::Tensor& t, const char* name) {
 std::tuple<at::Tensor, at::Tensor> count_negatives_cpu(at::TensorList scores, const at::Tensor& values) {
   check_scores(values, "values");
   const int64_t G = values.numel();
+  TORCH_CHECK(G < (int64_t(1) << 31) - 1, "too many distinct values: ", G);
   KeyIndex index(values.data_ptr<float>(), G);
   for (int64_t i = 1; i < G; ++i)
     TORCH_CHECK(index.keys[i - 1] < index.keys[i], "values must be distinct and ascending");
+  TORCH_CHECK(G == 0 || index.keys[G - 1] != UINT32_MAX, "values must be finite");
   for (const auto& t : scores) check_scores(t, "scores");
 
-  auto opts = values.options().dtype(at::kLong);
-  auto eq = at::zeros({G}, opts);
-  auto gap = at::zeros({G + 1}, opts);
-  int64_t* eqp = eq.data_ptr<int64_t>();
-  int64_t* gapp = gap.data_ptr<int64_t>();
+  // Counters interleaved per gap: [gap 0, eq 0, gap 1, eq 1, ..., gap G]; 32-bit per thread, flushed to
+  // the int64 totals after every slab of at most 2**31 scores.
+  std::vector<int64_t> total(2 * G + 2, 0);
+  const int64_t slab = int64_t(1) << 31;
 #pragma omp parallel
   {
-    std::vector<int64_t> my_eq(G, 0), my_gap(G + 1, 0);
+    std::vector<uint32_t> mine(2 * G + 2, 0);
     for (const auto& t : scores) {
       const float* p = t.data_ptr<float>();
-      const int64_t n = t.numel();
-#pragma omp for schedule(static) nowait
-      for (int64_t i = 0; i < n; ++i) {
-        auto [idx, equal] = index.locate(float_key(p[i]));
-        if (equal) ++my_eq[idx];
-        else ++my_gap[idx];
+      for (int64_t s0 = 0, n = t.numel(); s0 < n; s0 += slab) {
+        const int64_t s1 = std::min(n, s0 + slab);
+#pragma omp for schedule(static)
+        for (int64_t i = s0; i < s1; ++i) {
+          ++mine[index.slot(float_key(p[i]))];
+        }
+#pragma omp critical
+        for (int64_t g = 0; g < 2 * G + 2; ++g) total[g] += mine[g];
+        std::fill(mine.begin(), mine.end(), 0u);
       }
     }
-#pragma omp critical
-    {
-      for (int64_t g = 0; g < G; ++g) eqp[g] += my_eq[g];
-      for (int64_t g = 0; g <= G; ++g) gapp[g] += my_gap[g];
-    }
   }
+  auto opts = values.options().dtype(at::kLong);
+  auto eq = at::empty({G}, opts);
+  auto gap = at::empty({G + 1}, opts);
+  int64_t* eqp = eq.data_ptr<int64_t>();
+  int64_t* gapp = gap.data_ptr<int64_t>();
+  for (int64_t g = 0; g <= G; ++g) gapp[g] = total[2 * g];
+  for (int64_t g = 0; g < G; ++g) eqp[g] = total[2 * g + 1];
   return {eq, gap};
 }
 
@@ -128,7 +140,7 @@ void histogram_update_cpu(at::Tensor neg_hist, at::Tensor pos_hist, at::Tensor w
   const int64_t n = neg.numel();
   // Few scores per bin: private copies per thread would cost more than the counting (and atomics cost
   // more than a second core gains), so count serially.
-  const int threads = (n < (int64_t(1) << 16) || n < 4 * nb) ? 1 : omp_threads();
+  const int threads = (n < (int64_t(1) << 16) || 2 * n < nb) ? 1 : omp_threads();
   if (threads == 1) {
     for (int64_t i = 0; i < n; ++i) nh[bin_of(np_[i])] += 1;
   } else {

@@ -90,6 +90,27 @@ class PagedHistogram:
         return sum(t.numel() * t.element_size() for t in (self.neg, self.pos, self.weight))
 
     def update(self, neg: torch.Tensor, pos: torch.Tensor, pos_sizes: torch.Tensor, *, impl: str = "auto") -> None:
+        if not self._within_touched(neg, pos):
+            self._touch(neg, pos, pos_sizes, impl)
+        histogram_update(self.neg, self.pos, self.weight, self.page_base, self.page_shift, neg, pos, pos_sizes,
+                         PREFIX_BITS, impl=impl)
+
+    def _within_touched(self, neg: torch.Tensor, pos: torch.Tensor) -> bool:
+        """True when every page between the batch's smallest and largest score is already laid out
+        (then no page is new and the counting pass over pages can be skipped)."""
+        lo, hi = [], []
+        for x in (neg, pos):
+            if x.numel():
+                a, b = torch.aminmax(x)
+                lo.append(a)
+                hi.append(b)
+        if not lo:
+            return True
+        pages = float_key(torch.stack([min(lo), max(hi)])) >> LOW_BITS
+        first, last = int(pages[0]), int(pages[1])
+        return bool(self.touched[first:last + 1].all())
+
+    def _touch(self, neg, pos, pos_sizes, impl) -> None:
         n, p = self._page_counts(neg, pos, pos_sizes, impl)
         new = (n + p > 0) & ~self.touched
         if bool(new.any()):
@@ -97,8 +118,6 @@ class PagedHistogram:
             bits[new] = self._allocate(n[new], p[new])
             self._conform(bits)
             self.touched |= new
-        histogram_update(self.neg, self.pos, self.weight, self.page_base, self.page_shift, neg, pos, pos_sizes,
-                         PREFIX_BITS, impl=impl)
 
     def _page_counts(self, neg, pos, pos_sizes, impl) -> torch.Tensor:
         """Scores per page: one pass into 4096 one-bin pages."""

@@ -32,27 +32,33 @@ def curve_metrics(dtp: torch.Tensor, dfp: torch.Tensor, dpro: torch.Tensor | Non
                   fpr_limit: float = 0.3) -> dict[str, float]:
     """AUROC, AP, F1-max and AUPRO from descending-threshold increments (float64 accumulation).
 
+    AUROC is the trapezoid area of the ROC, written as the Mann-Whitney sum over thresholds with anomalous
+    increments (pairs tied at one threshold count 1/2); AP is the step sum of precision over recall
+    increments; F1-max peaks at a threshold with an anomalous increment (elsewhere precision only falls);
+    AUPRO integrates the PRO curve only up to the point where FPR crosses the limit.
     Undefined values are NaN: AUROC without both classes, AP/F1 without positives, AUPRO without regions
     or normal pixels.
     """
-    tp = torch.cumsum(dtp.double(), 0)
-    fp = torch.cumsum(dfp.double(), 0)
-    n_pos = float(tp[-1]) if tp.numel() else 0.0
+    fp = torch.cumsum(dfp, 0, dtype=torch.float64)
     n_neg = float(fp[-1]) if fp.numel() else 0.0
     out = {"auroc": _NAN, "ap": _NAN, "f1max": _NAN, "aupro": _NAN}
-    zero = tp.new_zeros(1)
-    if n_pos > 0:
-        predicted = tp + fp
-        precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), 0.0)
-        out["ap"] = float(torch.sum(dtp.double() * precision) / n_pos)
-        out["f1max"] = float(torch.max(2 * tp / (predicted + n_pos)))
+    hit = torch.nonzero(dtp).flatten()
+    if hit.numel():
+        step = dtp[hit].double()
+        tp = torch.cumsum(step, 0)
+        n_pos = float(tp[-1])
+        fp_hit = fp[hit]
+        out["ap"] = float(torch.sum(step * tp / (tp + fp_hit)) / n_pos)
+        out["f1max"] = float(torch.max(2 * tp / (tp + fp_hit + n_pos)))
         if n_neg > 0:
-            tpr = torch.cat([zero, tp / n_pos])
-            fpr = torch.cat([zero, fp / n_neg])
-            out["auroc"] = float(torch.sum(0.5 * (tpr[1:] + tpr[:-1]) * (fpr[1:] - fpr[:-1])))
+            below = n_neg - fp_hit + 0.5 * dfp[hit].double()
+            out["auroc"] = float(torch.sum(step * below) / (n_pos * n_neg))
     if dpro is not None and n_regions > 0 and n_neg > 0:
-        fpr = torch.cat([zero, fp / n_neg]).clamp(max=1.0)
-        pro = torch.cat([zero, torch.cumsum(dpro.double(), 0) / n_regions]).clamp(max=1.0)
+        # points up to and including the first one past the limit
+        end = int(torch.searchsorted(fp, fpr_limit * n_neg, right=True)) + 1
+        zero = fp.new_zeros(1)
+        fpr = torch.cat([zero, fp[:end] / n_neg]).clamp(max=1.0)
+        pro = torch.cat([zero, torch.cumsum(dpro[:end], 0, dtype=torch.float64) / n_regions]).clamp(max=1.0)
         out["aupro"] = float(_trapezoid_to(fpr, pro, fpr_limit) / fpr_limit)
     return out
 
