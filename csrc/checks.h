@@ -4,6 +4,32 @@
 
 namespace fastproto {
 
+// Binary masks [B,H,W] (bool, contiguous) on the kernel's device, with images addressable in 32 bits.
+inline void check_masks(const at::Tensor& masks, at::DeviceType device) {
+  TORCH_CHECK(masks.dim() == 3, "masks must be [B,H,W], got ", masks.sizes());
+  TORCH_CHECK(masks.scalar_type() == at::kBool, "masks must be bool, got ", masks.scalar_type());
+  TORCH_CHECK(masks.is_contiguous(), "masks must be contiguous");
+  TORCH_CHECK(masks.device().type() == device, "masks must be on ", device, " for this kernel, got ", masks.device());
+  TORCH_CHECK(masks.size(1) * masks.size(2) < (int64_t(1) << 31), "an image of ", masks.size(1), "x",
+              masks.size(2), " pixels is too large");
+}
+
+inline void check_connectivity(int64_t connectivity) {
+  TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ", connectivity);
+}
+
+// Arguments of split_pixels: float32 maps matching the masks in shape and device.
+inline void check_split(const at::Tensor& maps, const at::Tensor& masks, int64_t connectivity, at::DeviceType device) {
+  check_masks(masks, device);
+  TORCH_CHECK(maps.dim() == 3 && maps.scalar_type() == at::kFloat && maps.is_contiguous(),
+              "anomaly maps must be contiguous float32 [B,H,W]");
+  TORCH_CHECK(maps.device() == masks.device(), "anomaly maps must be on the same device as masks, got ",
+              maps.device(), " and ", masks.device());
+  TORCH_CHECK(maps.sizes() == masks.sizes(), "anomaly maps ", maps.sizes(), " and masks ", masks.sizes(),
+              " differ in shape");
+  check_connectivity(connectivity);
+}
+
 inline void check_histograms(const at::Tensor& neg_hist, const at::Tensor& pos_hist, const at::Tensor& weight_hist,
                              const at::Tensor& page_base, const at::Tensor& page_shift, int64_t prefix_bits) {
   TORCH_CHECK(prefix_bits >= 1 && prefix_bits <= 24, "prefix_bits must be in [1, 24], got ", prefix_bits);

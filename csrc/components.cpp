@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 
 namespace fastproto {
@@ -76,18 +77,10 @@ int32_t label_image(const bool* mask, int64_t H, int64_t W, bool eight, int32_t*
   return count;
 }
 
-void check_masks(const at::Tensor& masks, const char* name) {
-  TORCH_CHECK(masks.dim() == 3, name, " must be [B,H,W], got ", masks.sizes());
-  TORCH_CHECK(masks.scalar_type() == at::kBool, name, " must be bool, got ", masks.scalar_type());
-  TORCH_CHECK(masks.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(masks.device().is_cpu(), name, " must be on the CPU for this kernel, got ", masks.device());
-}
-
 at::Tensor connected_components_cpu(const at::Tensor& masks, int64_t connectivity) {
-  check_masks(masks, "masks");
-  TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ", connectivity);
+  check_masks(masks, at::kCPU);
+  check_connectivity(connectivity);
   const int64_t B = masks.size(0), H = masks.size(1), W = masks.size(2);
-  TORCH_CHECK(H * W < (int64_t(1) << 31), "an image of ", H, "x", W, " pixels is too large");
   auto out = at::empty({B, H, W}, masks.options().dtype(at::kInt));
   const bool* m = masks.data_ptr<bool>();
   int32_t* o = out.data_ptr<int32_t>();
@@ -104,14 +97,7 @@ at::Tensor connected_components_cpu(const at::Tensor& masks, int64_t connectivit
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_pixels_cpu(const at::Tensor& maps,
                                                                                const at::Tensor& masks,
                                                                                int64_t connectivity) {
-  check_masks(masks, "masks");
-  TORCH_CHECK(maps.dim() == 3 && maps.scalar_type() == at::kFloat && maps.is_contiguous(),
-              "anomaly maps must be contiguous float32 [B,H,W]");
-  TORCH_CHECK(maps.device() == masks.device(), "anomaly maps must be on the same device as masks, got ",
-              maps.device(), " and ", masks.device());
-  TORCH_CHECK(maps.sizes() == masks.sizes(), "anomaly maps ", maps.sizes(), " and masks ", masks.sizes(),
-              " differ in shape");
-  TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ", connectivity);
+  check_split(maps, masks, connectivity, at::kCPU);
   const int64_t B = maps.size(0), HW = maps.size(1) * maps.size(2);
   const int64_t H = maps.size(1), W = maps.size(2);
   const bool* m = masks.data_ptr<bool>();

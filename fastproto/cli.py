@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     if args.command == "bench":
         return _run_bench_script(f"{args.target}.py", args.rest)
     if args.command == "demo":
-        return _run_bench_script("metrics.py", ["--images", "150", "--demo"])
+        return _run_bench_script("metrics.py", ["--images", "150", "--no-heavy", "--repeats", "3"])
     return 2
 
 

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "fastproto_kernels.h"
 
 namespace fastproto {
@@ -20,22 +21,10 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-void check_masks(const at::Tensor& masks, const char* name) {
-  TORCH_CHECK(masks.dim() == 3, name, " must be [B,H,W], got ", masks.sizes());
-  TORCH_CHECK(masks.scalar_type() == at::kBool, name, " must be bool, got ", masks.scalar_type());
-  TORCH_CHECK(masks.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(masks.is_cuda(), name, " must be on CUDA");
-}
-
-void check_image_size(int64_t H, int64_t W) {
-  TORCH_CHECK(H * W < kInt32Limit, "an image of ", H, "x", W, " pixels is too large");
-}
-
 at::Tensor connected_components_cuda(const at::Tensor& masks, int64_t connectivity) {
-  check_masks(masks, "masks");
-  TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ", connectivity);
+  check_masks(masks, at::kCUDA);
+  check_connectivity(connectivity);
   const int64_t B = masks.size(0), H = masks.size(1), W = masks.size(2);
-  check_image_size(H, W);
   const c10::cuda::CUDAGuard guard(masks.device());
   auto labels = at::empty({B, H, W}, masks.options().dtype(at::kInt));
   if (labels.numel() == 0) return labels;
@@ -60,16 +49,8 @@ at::Tensor connected_components_cuda(const at::Tensor& masks, int64_t connectivi
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_pixels_cuda(const at::Tensor& maps,
                                                                                 const at::Tensor& masks,
                                                                                 int64_t connectivity) {
-  check_masks(masks, "masks");
-  TORCH_CHECK(maps.dim() == 3 && maps.scalar_type() == at::kFloat && maps.is_contiguous(),
-              "anomaly maps must be contiguous float32 [B,H,W]");
-  TORCH_CHECK(maps.device() == masks.device(), "anomaly maps must be on the same device as masks, got ",
-              maps.device(), " and ", masks.device());
-  TORCH_CHECK(maps.sizes() == masks.sizes(), "anomaly maps ", maps.sizes(), " and masks ", masks.sizes(),
-              " differ in shape");
-  TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ", connectivity);
+  check_split(maps, masks, connectivity, at::kCUDA);
   const int64_t B = maps.size(0), H = maps.size(1), W = maps.size(2);
-  check_image_size(H, W);
   const int64_t total = B * H * W;
   const c10::cuda::CUDAGuard guard(masks.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
