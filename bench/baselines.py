@@ -311,6 +311,26 @@ def adeval_binned(maps, masks, nstrips: int = 200, bounds=None):
     return _adeval_summary(pos, neg, wpos, wneg)
 
 
+def adeval_package(maps, masks, nstrips: int = 200):
+    """The published ADEval package itself (PyPI ``adeval``), CPU ``EvalAccumulator``, all maps in one
+    ``add_anomap_batch`` call, bounds = min/max of the maps as ADer and INP-Former pass them.
+    ADEval 1.1.0 calls ``np.trapz``, removed in NumPy 2.4: it is aliased to ``np.trapezoid`` here.
+    Raises ImportError when the package is not installed."""
+    import warnings
+
+    if not hasattr(np, "trapz"):
+        np.trapz = np.trapezoid
+    from adeval import EvalAccumulator
+
+    maps, masks = _np(maps), _np(masks)
+    acc = EvalAccumulator(0.0, 1.0, float(maps.min()), float(maps.max()), skip_pixel_aupro=False, nstrips=nstrips)
+    acc.add_anomap_batch(maps, masks.astype(np.uint8))
+    with warnings.catch_warnings():  # its image-level part divides 0/0: no image scores were added
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = acc.summary()
+    return {"p_auroc": float(res["p_auroc"]), "p_ap": float(res["p_aupr"]), "aupro": float(res["p_aupro"])}
+
+
 def _histc_cuda_like(x: np.ndarray, nbins: int, lo, hi) -> np.ndarray:
     """CUDA ``torch.histc`` semantics in numpy: values outside [lo, hi] ignored, bin =
     ``int((v - lo) * nbins / (hi - lo))`` in the input dtype (float32 for float32 maps), bin == nbins

@@ -254,6 +254,14 @@ def bench_dataset(runner, label, maps, masks, *, run_slow, cuda):
             lambda m, k: B.adeval_binned_cuda(m, k, 50), maps, masks)
         add("ADEval EvalAccumulatorCuda semantics, nstrips=200 (as INP-Former; GPU binning emulated in numpy)",
             lambda m, k: B.adeval_binned_cuda(m, k, 200), maps, masks)
+        try:
+            import adeval  # noqa: F401  (optional: the published package itself)
+
+            for ns in (50, 200):
+                add(f"ADEval package 1.1.0 (PyPI), CPU EvalAccumulator, nstrips={ns}",
+                    lambda m, k, ns=ns: B.adeval_package(m, k, ns), maps, masks)
+        except ImportError:
+            rows.append({"name": "ADEval package (PyPI)", "skipped": "not installed (pip install adeval)"})
         add("ADer mF1_max_px (21 thresholds)", B.ader_f1max_px, maps, masks)
         if run_slow:
             add("Dinomaly compute_pro (200 thr, skimage per thr)", B.dinomaly_aupro, maps, masks, repeats=1)
