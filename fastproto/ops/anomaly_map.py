@@ -19,14 +19,13 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from fastproto import triton as _triton_pkg
+from fastproto.ops._dispatch import resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.anomaly_map")
 
 __all__ = ["anomaly_map", "gaussian_blur", "image_score", "AnomalyMap", "IMAGE_SCORE_RULES"]
 
-IMPLS = ("auto", "triton", "reference")
 IMAGE_SCORE_RULES = ("max", "topk_mean", "avgpool_max")
 
 Size = Union[int, Tuple[int, int]]
@@ -44,33 +43,8 @@ def _triton_module():
 
 
 def _resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor]) -> str:
-    """Return "triton" or "reference" for ``impl`` in IMPLS, or raise a clear error."""
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "reference":
-        return "reference"
-    device = tensors[0].device
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if impl == "auto":
-        if device.type == "cuda" and not needs_grad and _triton_pkg.is_available():
-            return "triton"
-        return "reference"
-    # impl == "triton"
-    if not _triton_pkg.is_available():
-        raise RuntimeError(f"{op}: impl='triton' requested but the triton package cannot be imported")
-    if device.type != "cuda" and not (device.type == "cpu" and _triton_pkg.interpreter_enabled()):
-        raise RuntimeError(
-            f"{op}: impl='triton' needs CUDA tensors, got tensors on {device}; on the CPU the Triton "
-            "kernels run only under the interpreter (TRITON_INTERPRET=1, for tests). "
-            "Use impl='auto' or impl='reference'."
-        )
-    if needs_grad:
-        raise RuntimeError(
-            f"{op}: the Triton path is forward-only (an inference op) and an input requires grad; "
-            "call it under torch.no_grad(), detach the inputs, or use impl='reference' / impl='auto' "
-            "(which routes grad-requiring inputs to the differentiable reference)."
-        )
-    return "triton"
+    """Return "triton" or "reference" (forward-only Triton kernels; see :mod:`fastproto.ops._dispatch`)."""
+    return resolve_impl(op, impl, tensors, impls=("triton",), has_backward=False)
 
 
 class _AnomalyMapTritonFn(torch.autograd.Function):

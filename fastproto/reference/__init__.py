@@ -3,4 +3,4 @@
 Submodules are exposed as modules (not re-exported functions) so that an op's reference and its
 public wrapper in ``fastproto.ops`` can share a name without shadowing each other.
 """
-from fastproto.reference import anomaly_map  # noqa: F401  (anomaly_map, gaussian_blur, image_score)
+from fastproto.reference import anomaly_map, metrics  # noqa: F401  (op and metric references)

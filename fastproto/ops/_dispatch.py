@@ -1,0 +1,76 @@
+"""Dispatch between implementations, in one place for every op family.
+
+``impl`` is ``"auto"`` (the fastest implementation that supports the inputs, else the reference),
+``"triton"``, ``"cuda"`` (forced: raise with the reason when it cannot run) or ``"reference"``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from fastproto import triton as _triton_pkg
+
+IMPLS = ("auto", "triton", "cuda", "reference")
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: Sequence[str] = ("triton",),
+                 has_backward: bool = True, unsupported: Optional[Callable[[], Optional[str]]] = None) -> str:
+    """Return the implementation to run: one of ``impls`` (those the op has besides the reference) or
+    ``"reference"``.
+
+    Args:
+        op: op name, for messages.
+        impl: the user's choice.
+        tensors: the inputs (device and requires_grad decide).
+        impls: fast implementations this op provides, in order of preference.
+        has_backward: False for forward-only kernels: inputs that require grad go to the reference
+            under ``"auto"`` and are refused when a fast path is forced.
+        unsupported: returns a reason string when the inputs are outside what the kernels handle (e.g. a
+            head dim); ``"auto"`` then falls back to the reference with a one-time warning.
+    """
+    allowed = ("auto", *impls, "reference")
+    if not isinstance(impl, str) or impl not in allowed:
+        raise ValueError(f"{op}: impl must be one of {allowed}, got {impl!r}")
+    if impl == "reference":
+        return "reference"
+    device = tensors[0].device
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    reason = unsupported() if unsupported is not None else None
+    if impl == "auto":
+        if device.type != "cuda" or (needs_grad and not has_backward):
+            return "reference"
+        for candidate in impls:
+            if candidate == "triton" and not _triton_pkg.is_available():
+                continue
+            if reason:
+                _warn_once(f"{op}:{reason}", f"{op}: {reason}; using the reference implementation")
+                return "reference"
+            return candidate
+        return "reference"
+    if impl == "triton":
+        if not _triton_pkg.is_available():
+            raise RuntimeError(f"{op}: impl='triton' requested but the triton package cannot be imported")
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_pkg.interpreter_enabled()):
+            raise RuntimeError(
+                f"{op}: impl='triton' needs CUDA tensors, got tensors on {device}; on the CPU the Triton "
+                "kernels run only under the interpreter (TRITON_INTERPRET=1, for tests). "
+                "Use impl='auto' or impl='reference'.")
+    elif device.type != "cuda":  # impl == "cuda"
+        raise RuntimeError(f"{op}: impl='cuda' needs CUDA tensors, got tensors on {device}")
+    if needs_grad and not has_backward:
+        raise RuntimeError(
+            f"{op}: the {impl} path is forward-only (an inference op) and an input requires grad; "
+            "call it under torch.no_grad(), detach the inputs, or use impl='reference' / impl='auto' "
+            "(which routes grad-requiring inputs to the differentiable reference).")
+    if reason:
+        raise RuntimeError(f"{op}: impl={impl!r} cannot run these inputs: {reason}")
+    return impl
