@@ -8,7 +8,6 @@ AUROC, AP, F1-max and AUPRO in float64 on the increments' device.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
