@@ -48,7 +48,8 @@ def info(print_out: bool = True) -> dict:
                 "cpu": "c++" if _ext.has_op("histogram_update", "cpu") else "torch",
                 "cuda": "cuda" if _ext.has_op("histogram_update", "cuda") else "torch",
             },
-            "anomaly_map": {"cpu": "reference", "cuda": "triton" if _triton_version() else "reference"},
+            **{name: {"cpu": "reference", "cuda": "triton" if _triton_version() else "reference"}
+               for name in ("anomaly_map", "linear_attention", "prototype_attention", "route")},
         },
     }
     if print_out:

@@ -6,5 +6,8 @@ the function); import a submodule by its full name (``from fastproto.ops.anomaly
 to reach its other members.
 """
 from fastproto.ops.anomaly_map import AnomalyMap, anomaly_map, gaussian_blur, image_score  # noqa: F401
+from fastproto.ops.linear_attention import LinearAttention, LinearCrossAttention, linear_attention  # noqa: F401
+from fastproto.ops.prototype import PrototypeAttention, prototype_attention, route  # noqa: F401
 
-__all__ = ["anomaly_map", "gaussian_blur", "image_score", "AnomalyMap"]
+__all__ = ["anomaly_map", "gaussian_blur", "image_score", "AnomalyMap", "linear_attention", "LinearAttention",
+           "LinearCrossAttention", "prototype_attention", "PrototypeAttention", "route"]

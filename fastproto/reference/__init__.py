@@ -4,3 +4,5 @@ Submodules are exposed as modules (not re-exported functions) so that an op's re
 public wrapper in ``fastproto.ops`` can share a name without shadowing each other.
 """
 from fastproto.reference import anomaly_map, metrics  # noqa: F401  (op and metric references)
+from fastproto.reference import linear_attention  # noqa: F401,E402  (linear attention reference)
+from fastproto.reference import prototype  # noqa: F401,E402  (prototype attention / routing reference)

@@ -1,0 +1,235 @@
+"""Non-causal linear attention (DESIGN "Ops" item 1): functional API, modules, dispatch.
+
+``linear_attention(q, k, v)`` computes, per batch and head,
+``out_i = phi(q_i) (sum_j phi(k_j)^T v_j) / (phi(q_i) . sum_j phi(k_j) + eps)`` with
+``phi`` = ``elu + 1`` or ``relu``; queries and keys may differ in number (cross-attention).
+The maths lives in :mod:`fastproto.reference.linear_attention` (plain PyTorch, ground truth, CPU
+path); :mod:`fastproto.triton.linear_attention` holds the GPU kernels.
+
+Implementations:
+
+* Triton forward: two kernels (fp32 state/key-sum per (batch, head), then query tiles).
+* Triton backward: **analytic, in Triton** (two kernels: dq + dS/dz over query tiles, then dk/dv
+  over key tiles), from the fp32 state saved by the forward. Not autograd through the reference.
+* Reference: plain PyTorch, differentiable by autograd; half/bfloat16 computed in float32.
+
+``impl="auto"`` takes Triton on CUDA tensors (float32/float16/bfloat16, head dims <= 128) and the
+reference otherwise; unsupported inputs on CUDA fall back with a one-time warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastproto.ops._dispatch import resolve_impl
+
+# by full name: package attributes may be shadowed by re-exported functions of the same name
+_ref = importlib.import_module("fastproto.reference.linear_attention")
+
+__all__ = ["linear_attention", "linear_attention_with_state", "LinearAttention", "LinearCrossAttention", "PHIS"]
+
+PHIS = _ref.PHIS
+
+
+def _triton_module():
+    # imported lazily: keeps `import fastproto` free of triton and lets TRITON_INTERPRET=1 be set
+    # before the kernels are defined
+    return importlib.import_module("fastproto.triton.linear_attention")
+
+
+def _device_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _LinearAttentionTritonFn(torch.autograd.Function):
+    """Triton forward + analytic Triton backward. Returns ``(out, state)``; ``state`` (the kv
+    state ``sum_j phi(k_j)^T v_j`` in the input dtype) is non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, phi, eps):
+        tm = _triton_module()
+        out, state, ksum = tm.forward(q, k, v, phi, eps)
+        ctx.save_for_backward(q, k, v, state, ksum)
+        ctx.phi, ctx.eps = phi, eps
+        state_out = state.to(q.dtype, copy=True)
+        ctx.mark_non_differentiable(state_out)
+        return out, state_out
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_state):
+        if grad_out is None:
+            return None, None, None, None, None
+        q, k, v, state, ksum = ctx.saved_tensors
+        with _device_guard(q.device):
+            dq, dk, dv = _triton_module().backward(q, k, v, state, ksum, grad_out, ctx.phi, ctx.eps)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate(q, k, v, phi, eps) -> float:
+    op = "linear_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must have rank 4 [B, H, N, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must have a floating dtype, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+        if t.shape[:2] != q.shape[:2]:
+            raise ValueError(
+                f"{op}: {name} has batch/heads {tuple(t.shape[:2])} but q has {tuple(q.shape[:2])} "
+                f"(shapes q {tuple(q.shape)}, {name} {tuple(t.shape)})")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{op}: k has head dim {k.shape[3]} but q has {q.shape[3]} "
+                         f"(shapes q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: v has {v.shape[2]} tokens but k has {k.shape[2]}; keys and values pair up "
+                         f"(shapes k {tuple(k.shape)}, v {tuple(v.shape)})")
+    if q.shape[3] == 0 or v.shape[3] == 0:
+        raise ValueError(f"{op}: head dims must be positive, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if not isinstance(phi, str) or phi not in PHIS:
+        raise ValueError(f"{op}: phi must be one of {PHIS}, got {phi!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(float(eps)) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+MAX_HEAD_DIM = 128  # must equal fastproto.triton.linear_attention.MAX_HEAD_DIM
+
+
+def _unsupported_reason(q, v) -> Optional[str]:
+    # no triton import here: resolve_impl calls this before it knows triton is usable
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} is not supported by the Triton kernels (float32/float16/bfloat16 only)"
+    d, dv = q.shape[-1], v.shape[-1]
+    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        return f"head dims D={d}, Dv={dv} exceed the Triton kernels' maximum {MAX_HEAD_DIM}"
+    return None
+
+
+def _resolve(impl: str, q, k, v) -> str:
+    return resolve_impl("linear_attention", impl, [q, k, v], impls=("triton",), has_backward=True,
+                        unsupported=lambda: _unsupported_reason(q, v))
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_attention_with_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: str = "elu",
+                                eps: float = 1e-6, impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`linear_attention`, also returning the kv state ``sum_j phi(k_j)^T v_j``
+    [B, H, D, Dv] in the input dtype (what Dinomaly's ``LinearAttention2`` returns as ``kv``).
+    The state is differentiable on the reference path and non-differentiable on the Triton path."""
+    eps = _validate(q, k, v, phi, eps)
+    which = _resolve(impl, q, k, v)
+    if which == "reference":
+        return _ref.linear_attention_with_state(q, k, v, phi=phi, eps=eps)
+    with _device_guard(q.device):
+        return _LinearAttentionTritonFn.apply(q, k, v, phi, eps)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: str = "elu", eps: float = 1e-6,
+                     impl: str = "auto") -> torch.Tensor:
+    """Non-causal linear attention.
+
+    ``out_i = phi(q_i) (sum_j phi(k_j)^T v_j) / (phi(q_i) . sum_j phi(k_j) + eps)``.
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, H, Nk, D]; v: [B, H, Nk, Dv]. Same dtype (float16, bfloat16,
+            float32; float64 on the reference only) and device; any strides.
+        phi: ``"elu"`` (``elu(x) + 1``, Dinomaly) or ``"relu"``.
+        eps: added to the denominator (>= 0). Dinomaly's ``LinearAttention2`` uses none (0).
+        impl: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns [B, H, Nq, Dv] in the input dtype (accumulation in float32). On the Triton path it is
+    a permuted view of a [B, Nq, H, Dv] buffer. NaN inputs give NaN outputs. Differentiable on both
+    paths (Triton: analytic backward kernels).
+    """
+    return linear_attention_with_state(q, k, v, phi=phi, eps=eps, impl=impl)[0]
+
+
+class LinearAttention(nn.Module):
+    """Dinomaly's ``LinearAttention2`` (multi-head self linear attention), same parameters and
+    numerics: ``qkv = Linear(dim, 3 dim)`` split as ``reshape(B, N, 3, heads, dim/heads)``,
+    ``phi = elu + 1``, **no** eps in the denominator (``eps=0.0`` default; Dinomaly has none), no
+    scaling (Dinomaly's ``scale``/``qk_scale`` is computed but unused, and so is ``attn_drop``;
+    both are accepted here for signature compatibility and ignored), heads merged back as
+    ``transpose(1, 2).reshape(B, N, dim)``, then ``proj`` and ``proj_drop``.
+
+    ``forward(x, attn_mask=None)`` returns ``(out, kv)`` like Dinomaly (its ``Block`` unpacks
+    ``y, attn = self.attn(...)``): ``out`` [B, N, dim] and the state ``kv`` [B, heads, hd, hd]
+    (non-differentiable on the Triton path). ``attn_mask`` is not supported (Dinomaly ignores it in
+    this class); passing one raises. state_dict keys: ``qkv.weight, qkv.bias, proj.weight, proj.bias``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_scale=None, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, *, phi: str = "elu", eps: float = 0.0, impl: str = "auto"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"LinearAttention: dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim, self.num_heads = dim, num_heads
+        self.phi, self.eps, self.impl = phi, eps, impl
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _check_x(self, name: str, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}: {name} must be [B, N, {self.dim}], got {shape}")
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        B, H, N, hd = out.shape
+        out = out.transpose(1, 2).reshape(B, N, H * hd)
+        return self.proj_drop(self.proj(out))
+
+    def forward(self, x: torch.Tensor, attn_mask=None):
+        if attn_mask is not None:
+            raise NotImplementedError("LinearAttention: attn_mask is not supported")
+        self._check_x("x", x)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out, kv = linear_attention_with_state(qkv[0], qkv[1], qkv[2], phi=self.phi, eps=self.eps, impl=self.impl)
+        return self._finish(out), kv
+
+
+class LinearCrossAttention(LinearAttention):
+    """Linear cross-attention (Pro-AD's LCA ``A = LCA(P, Q, Q)``): queries from ``x`` [B, Nq, dim],
+    keys and values from ``y`` [B, Nk, dim], all through the layer's one packed ``qkv`` Linear
+    (rows ``[0, dim)`` give q, ``[dim, 2 dim)`` k, ``[2 dim, 3 dim)`` v, exactly as the self-attention
+    split), so ``forward(x, x)`` equals :class:`LinearAttention` ``(x)``. Only the needed rows of
+    ``qkv`` are applied to each input. Returns ``(out [B, Nq, dim], kv)``; same defaults
+    (``phi="elu"``, ``eps=0.0``) and state_dict keys as :class:`LinearAttention`.
+    """
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):  # type: ignore[override]
+        self._check_x("x", x)
+        self._check_x("y", y)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"LinearCrossAttention: x has batch {x.shape[0]} but y has batch {y.shape[0]}")
+        B, Nq, C = x.shape
+        Nk = y.shape[1]
+        H, hd = self.num_heads, C // self.num_heads
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x, w[:C], None if b is None else b[:C]).reshape(B, Nq, H, hd).transpose(1, 2)
+        kv_in = F.linear(y, w[C:], None if b is None else b[C:]).reshape(B, Nk, 2, H, hd).permute(2, 0, 3, 1, 4)
+        out, kv = linear_attention_with_state(q, kv_in[0], kv_in[1], phi=self.phi, eps=self.eps, impl=self.impl)
+        return self._finish(out), kv

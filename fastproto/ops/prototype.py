@@ -1,0 +1,354 @@
+"""Prototype attention and prototype routing (DESIGN "Ops" items 2 and 3): API, module, dispatch.
+
+* :func:`prototype_attention` — INP-Former's ReLU-cosine attention to a few prototypes
+  (``kind="relu_cos"``) or softmax cross-attention to prototypes (``kind="softmax"``).
+* :class:`PrototypeAttention` — INP-Former's ``Prototype_Attention`` module (same parameter names
+  and shapes: ``learn_scale`` [H, 1, 1], ``q``, ``kv``, ``proj``), returning ``(out, attn)``.
+* :func:`route` — nearest / soft / linear routing of tokens to prototypes.
+
+The maths lives in :mod:`fastproto.reference.prototype`. Triton (:mod:`fastproto.triton.prototype`)
+covers the forward of ``prototype_attention`` (M <= 64, D, Dv <= 256) and of ``route(mode="nearest")``
+with shared or per-sample banks; their backward is an explicit analytic backward written in PyTorch
+(inside the autograd.Functions below). ``soft``/``linear`` routing and per-location banks use the
+reference.
+"""
+from __future__ import annotations
+
+import importlib
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from fastproto.ops._dispatch import resolve_impl
+
+_ref = importlib.import_module("fastproto.reference.prototype")
+
+__all__ = ["prototype_attention", "PrototypeAttention", "route", "ATTN_KINDS", "ROUTE_MODES"]
+
+ATTN_KINDS = _ref.ATTN_KINDS
+ROUTE_MODES = _ref.ROUTE_MODES
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_module():
+    return importlib.import_module("fastproto.triton.prototype")
+
+
+# ----------------------------------------------------------------------------------------------
+# analytic backward helpers (PyTorch, compute dtype)
+# ----------------------------------------------------------------------------------------------
+
+
+def _normalize_fwd(x, eps):
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / n.clamp_min(eps), n
+
+
+def _normalize_bwd(y, n, dy, eps):
+    """d(x / max(||x||, eps)) given y, the norm n and dy."""
+    big = n > eps
+    proj = dy - y * (y * dy).sum(-1, keepdim=True)
+    return torch.where(big, proj / n.clamp_min(eps), dy / eps)
+
+
+class _ProtoAttnFn(torch.autograd.Function):
+    """Triton forward; analytic backward in PyTorch (float32/float64)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale_t, kind, scale_h):
+        out = _triton_module().prototype_attention(q, k, v, scale_h, kind)
+        ctx.save_for_backward(q, k, v, scale_h)
+        ctx.kind = kind
+        ctx.scale_is_tensor = scale_t is not None
+        ctx.scale_shape = None if scale_t is None else scale_t.shape
+        ctx.scale_dtype = None if scale_t is None else scale_t.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, s = ctx.saved_tensors
+        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qf, kf, vf, do = q.to(cd), k.to(cd), v.to(cd), dout.to(cd)
+        shared = kf.dim() == 3
+        if shared:
+            kf, vf = kf.unsqueeze(0), vf.unsqueeze(0)
+        sh = s.to(cd).reshape(-1, 1, 1)
+        ds = None
+        if ctx.kind == "relu_cos":
+            eps = _ref.ATTN_NORM_EPS
+            qn, qnorm = _normalize_fwd(qf, eps)
+            kn, knorm = _normalize_fwd(kf, eps)
+            S = qn @ kn.transpose(-2, -1)
+            Z = S * sh
+            A = torch.relu(Z)
+            dA = do @ vf.transpose(-2, -1)
+            dZ = torch.where(Z > 0, dA, torch.zeros_like(dA))
+            if ctx.scale_is_tensor:
+                ds = (dZ * S).sum(dim=(0, 2, 3))
+            dS = dZ * sh
+            dq = _normalize_bwd(qn, qnorm, dS @ kn, eps)
+            dkn = dS.transpose(-2, -1) @ qn
+            if shared:
+                dkn = dkn.sum(0, keepdim=True)
+            dk = _normalize_bwd(kn, knorm, dkn, eps)
+        else:
+            A = torch.softmax((qf @ kf.transpose(-2, -1)) * sh, dim=-1)
+            dA = do @ vf.transpose(-2, -1)
+            dZ = A * (dA - (dA * A).sum(-1, keepdim=True))
+            dq = (dZ * sh) @ kf
+            dk = (dZ * sh).transpose(-2, -1) @ qf
+            if shared:
+                dk = dk.sum(0, keepdim=True)
+        dv = A.transpose(-2, -1) @ do
+        if shared:
+            dv, dk = dv.sum(0), dk[0]
+        dscale = None
+        if ds is not None and ctx.needs_input_grad[3]:
+            n = 1
+            for d in ctx.scale_shape:
+                n *= d
+            dscale = (ds.sum() if n == 1 else ds).reshape(ctx.scale_shape).to(ctx.scale_dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale, None, None
+
+
+class _RouteNearestFn(torch.autograd.Function):
+    """Triton forward (streaming min/argmin); analytic backward in PyTorch through the selected
+    prototype only (O(B N C), the [B, N, M] matrix is not rebuilt)."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        dist, idx = _triton_module().route_nearest(x, p)
+        ctx.save_for_backward(x, p, idx)
+        ctx.mark_non_differentiable(idx)
+        return dist.to(x.dtype), idx
+
+    @staticmethod
+    def backward(ctx, ddist, _didx):
+        x, p, idx = ctx.saved_tensors
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        eps = _ref.COS_EPS
+        xf, pf = x.to(cd), p.to(cd)
+        B, N, C = x.shape
+        if pf.dim() == 2:
+            sel = pf[idx]  # [B, N, C]
+        else:
+            sel = torch.gather(pf, 1, idx.unsqueeze(-1).expand(B, N, C))
+        xn, xnorm = _normalize_fwd(xf, eps)
+        pn, pnorm = _normalize_fwd(sel, eps)
+        g = -ddist.to(cd).unsqueeze(-1)  # d(1 - cos) = -d cos
+        dx = _normalize_bwd(xn, xnorm, g * pn, eps)
+        dsel = _normalize_bwd(pn, pnorm, g * xn, eps)
+        dp = None
+        if ctx.needs_input_grad[1]:
+            dp = torch.zeros_like(pf)
+            if pf.dim() == 2:
+                dp.index_add_(0, idx.reshape(-1), dsel.reshape(-1, C))
+            else:
+                dp.scatter_add_(1, idx.unsqueeze(-1).expand(B, N, C), dsel)
+            dp = dp.to(p.dtype)
+        return dx.to(x.dtype), dp
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_tensor(op, name, t, dims):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if t.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{op}: {name} must be {want}, got shape {tuple(t.shape)}")
+
+
+def _check_same(op, ref_name, ref, name, t):
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str = "relu_cos",
+                        scale: Union[None, float, torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+    """Attention of many queries to a few prototypes.
+
+    Args:
+        q: [B, H, N, D] queries.
+        k: [B, H, M, D] per-sample or [H, M, D] shared prototype keys.
+        v: values, [B, H, M, Dv] or [H, M, Dv] (same sharing as ``k``).
+        kind: ``"relu_cos"`` (INP-Former: ``ReLU(scale_h · q̂ k̂ᵀ) v``, no row normalisation; ``scale``
+            per head, a tensor of H elements such as [H] or INP-Former's [H, 1, 1] ``learn_scale``,
+            or a number; default 1) or ``"softmax"`` (``softmax(scale · q kᵀ) v``; default
+            ``D ** -0.5``).
+        impl: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns [B, H, N, Dv] in q's dtype. Differentiable w.r.t. q, k, v and a tensor ``scale``.
+    """
+    op = "prototype_attention"
+    if kind not in ATTN_KINDS:
+        raise ValueError(f"{op}: kind must be one of {ATTN_KINDS}, got {kind!r}")
+    _check_tensor(op, "q", q, (4,))
+    _check_tensor(op, "k", k, (3, 4))
+    _check_tensor(op, "v", v, (3, 4))
+    _check_same(op, "q", q, "k", k)
+    _check_same(op, "q", q, "v", v)
+    B, H, _, D = q.shape
+    if k.dim() != v.dim():
+        raise ValueError(f"{op}: k and v must both be per-sample (4-D) or both shared (3-D), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    lead = (B, H) if k.dim() == 4 else (H,)
+    if tuple(k.shape[:-2]) != lead or k.shape[-1] != D:
+        raise ValueError(f"{op}: k must be [B, H, M, D] = [{B}, {H}, M, {D}] or [H, M, D], got {tuple(k.shape)}")
+    if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
+        raise ValueError(f"{op}: v must match k in all but the last dim, got v {tuple(v.shape)}, k {tuple(k.shape)}")
+    M, DV = k.shape[-2], v.shape[-1]
+    if M == 0:
+        raise ValueError(f"{op}: k holds no prototypes (M = 0)")
+    scale_t = None
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() not in (1, H):
+            raise ValueError(f"{op}: scale must have 1 or H={H} elements ([H] or [H, 1, 1]), got {tuple(scale.shape)}")
+        if not scale.is_floating_point():
+            raise TypeError(f"{op}: scale must be a floating tensor, got {scale.dtype}")
+        if scale.device != q.device:
+            raise ValueError(f"{op}: scale is on {scale.device} but q is on {q.device}")
+        scale_t = scale
+    elif scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)):
+        raise TypeError(f"{op}: scale must be None, a number or a tensor, got {type(scale).__name__}")
+
+    def unsupported() -> Optional[str]:
+        if M > _MAX_M:
+            return f"M={M} prototypes > {_MAX_M} (prototypes are held on chip)"
+        if D > _MAX_D or DV > _MAX_D:
+            return f"head dim D={D}/Dv={DV} > {_MAX_D}"
+        if q.dtype not in _TRITON_DTYPES:
+            return f"dtype {q.dtype} (Triton path supports float16/bfloat16/float32)"
+        return None
+
+    tensors = [q, k, v] + ([scale_t] if scale_t is not None else [])
+    chosen = resolve_impl(op, impl, tensors, impls=("triton",), has_backward=True, unsupported=unsupported)
+    if chosen == "reference":
+        return _ref.prototype_attention(q, k, v, kind=kind, scale=scale)
+    default = 1.0 if kind == "relu_cos" else D ** -0.5
+    with torch.no_grad():
+        s_h = _ref.head_scale(scale_t.detach() if scale_t is not None else scale, H, default, q.device,
+                              torch.float32).reshape(H).contiguous()
+    return _ProtoAttnFn.apply(q, k, v, scale_t, kind, s_h)
+
+
+_MAX_M = 64
+_MAX_D = 256
+
+
+class PrototypeAttention(nn.Module):
+    """INP-Former's ``Prototype_Attention`` (decoder attention of tokens to the INPs).
+
+    ``forward(x [B, N, C], prototypes [B, M, C] or [M, C]) -> (out [B, N, C], attn [B, H, N, M])``;
+    parameters ``learn_scale`` [H, 1, 1] (ones), ``q`` (C -> C), ``kv`` (C -> 2C), ``proj`` (C -> C)
+    with the official names, so INP-Former checkpoints load directly. ``attn`` is recomputed only when
+    ``return_attn=True`` (INP-Former returns it; the fused path does not need it), else None.
+    ``qk_scale`` is accepted and ignored, as in the official module.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale=None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, impl: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"PrototypeAttention: dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.impl = impl
+        self.learn_scale = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, prototypes: torch.Tensor, return_attn: bool = False):
+        B, N, C = x.shape
+        H = self.num_heads
+        q = self.q(x).reshape(B, N, H, C // H).transpose(1, 2)
+        if prototypes.dim() == 2:
+            kv = self.kv(prototypes).reshape(-1, 2, H, C // H).permute(1, 2, 0, 3)  # [2, H, M, d]
+        else:
+            kv = self.kv(prototypes).reshape(B, -1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # [2, B, H, M, d]
+        k, v = kv[0], kv[1]
+        attn = None
+        if self.training and self.attn_drop.p > 0:
+            # dropout on the attention matrix needs it materialised: reference maths, unfused
+            qn = torch.nn.functional.normalize(q, dim=-1)
+            kn = torch.nn.functional.normalize(k, dim=-1)
+            attn = self.attn_drop(torch.relu((qn @ kn.transpose(-2, -1)) * self.learn_scale))
+            out = attn @ v
+        else:
+            out = prototype_attention(q, k, v, kind="relu_cos", scale=self.learn_scale, impl=self.impl)
+            if return_attn:
+                qn = torch.nn.functional.normalize(q, dim=-1)
+                kn = torch.nn.functional.normalize(k, dim=-1)
+                attn = torch.relu((qn @ kn.transpose(-2, -1)) * self.learn_scale)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        return out, attn
+
+
+def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", tau: float = 1.0,
+          per_location: Optional[bool] = None, impl: str = "auto"):
+    """Route tokens to prototypes.
+
+    Args:
+        x: [B, N, C] tokens.
+        prototypes: [M, C] shared, [B, M, C] per-sample or [N, M, C] per-location. A 3-D bank whose
+            leading dim equals both B and N (> 1) is ambiguous: pass ``per_location``.
+        mode: ``"nearest"`` -> ``(min_m (1 - cos) [B, N], argmin [B, N] int64)`` (ties: lowest index;
+            a NaN distance counts as the minimum); ``"soft"`` -> ``(softmax(cos / tau) @ P [B, N, C],
+            weights [B, N, M])``; ``"linear"`` -> ``(x Pᵀ) P`` [B, N, C].
+        tau: softmax temperature (> 0), ``soft`` only.
+        impl: ``"auto"``, ``"triton"`` (``nearest`` with shared/per-sample banks) or ``"reference"``.
+    """
+    op = "route"
+    if mode not in ROUTE_MODES:
+        raise ValueError(f"{op}: mode must be one of {ROUTE_MODES}, got {mode!r}")
+    if mode == "soft":
+        if not isinstance(tau, numbers.Real) or isinstance(tau, bool) or not tau > 0:
+            raise ValueError(f"{op}: tau must be a positive number, got {tau!r}")
+    _check_tensor(op, "x", x, (3,))
+    _check_tensor(op, "prototypes", prototypes, (2, 3))
+    _check_same(op, "x", x, "prototypes", prototypes)
+    B, N, C = x.shape
+    if prototypes.shape[-1] != C:
+        raise ValueError(f"{op}: prototypes must have C={C} channels like x, got shape {tuple(prototypes.shape)}")
+    M = prototypes.shape[-2]
+    if M == 0:
+        raise ValueError(f"{op}: prototypes holds no prototypes (M = 0)")
+    if prototypes.dim() == 3:
+        L = prototypes.shape[0]
+        if per_location is None:
+            if L == B and L == N and B > 1:
+                raise ValueError(f"{op}: prototypes {tuple(prototypes.shape)} is ambiguous (B = N = {B}): pass "
+                                 "per_location=True ([N, M, C] bank) or per_location=False ([B, M, C])")
+            per_location = L != B
+        want = N if per_location else B
+        if L != want:
+            kind = "per-location [N, M, C]" if per_location else "per-sample [B, M, C]"
+            raise ValueError(f"{op}: a {kind} prototype bank needs leading dim {want}, got {tuple(prototypes.shape)}")
+    else:
+        per_location = False
+
+    def unsupported() -> Optional[str]:
+        if mode != "nearest":
+            return f"mode={mode!r} has no Triton kernel yet"
+        if per_location:
+            return "per-location prototype banks have no Triton kernel yet"
+        if x.dtype not in _TRITON_DTYPES:
+            return f"dtype {x.dtype} (Triton path supports float16/bfloat16/float32)"
+        return None
+
+    chosen = resolve_impl(op, impl, [x, prototypes], impls=("triton",), has_backward=True, unsupported=unsupported)
+    if chosen == "reference":
+        return _ref.route(x, prototypes, mode=mode, tau=float(tau), per_location=per_location)
+    return _RouteNearestFn.apply(x, prototypes)

@@ -1,0 +1,203 @@
+"""Triton forward kernels for prototype attention and nearest-prototype routing (DESIGN "Ops" 2, 3).
+
+``_proto_attn_fwd_kernel``
+    One program per (batch * head, query tile of ``BLOCK_N``). The head's prototype keys and values
+    ([M, D] and [M, Dv], M padded to a power of two >= 16 with masks) are loaded once and stay in
+    registers; the query tile is read through its strides, the logits ``[BLOCK_N, M]`` and the
+    output tile are computed in float32 (``tl.dot`` with IEEE fp32 precision) and the output is
+    written in the input dtype. ``KIND_RELU_COS``: ``ReLU(s_h q̂ k̂ᵀ) v`` with ``x̂ = x /
+    max(||x||, 1e-12)``; ``KIND_SOFTMAX``: ``softmax(s_h q kᵀ) v``.
+``_route_nearest_kernel``
+    One program per (batch, token tile). Streams the prototypes in blocks of ``BLOCK_M`` (and the
+    channels in chunks of ``BLOCK_C``), keeping a running min of ``1 - cos`` and its argmin, so the
+    [B, N, M] distance matrix is never materialised. Ties go to the lowest index, NaN wins (as in
+    :func:`fastproto.reference.prototype.first_argmin`).
+
+Use :mod:`fastproto.ops.prototype` (validation, dispatch, autograd); these functions assume
+validated inputs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+KIND_RELU_COS = 0
+KIND_SOFTMAX = 1
+MAX_M = 64
+MAX_D = 256
+
+# tests set this (or FASTPROTO_POISON_OUTPUTS=1): outputs are NaN-filled before the kernels run
+POISON_OUTPUTS = os.environ.get("FASTPROTO_POISON_OUTPUTS", "0") == "1"
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        if dtype.is_floating_point:
+            out.fill_(float("nan"))
+        else:
+            out.fill_(-7)
+    return out
+
+
+def _p2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+@triton.jit
+def _proto_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, o_ptr,
+    H, N, M, D, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skm, skd,
+    svb, svh, svm, svd,
+    sob, soh, son, sod,
+    eps,
+    KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    mask_dv = offs_dv < DV
+
+    k = tl.load(k_ptr + b * skb + h * skh + offs_m[:, None] * skm + offs_d[None, :] * skd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * svb + h * svh + offs_m[:, None] * svm + offs_dv[None, :] * svd,
+                mask=mask_m[:, None] & mask_dv[None, :], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + h).to(tl.float32)
+    if KIND == 0:
+        qn = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), eps)
+        kn = tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)
+        q = q / qn[:, None]
+        k = k / kn[:, None]
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+        z = logits * s
+        attn = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN (tl.maximum may drop it on GPU)
+        # masked prototypes have k = 0 -> logit 0 -> relu 0, and v = 0 there anyway
+        attn = tl.where(mask_m[None, :], attn, 0.0)
+    else:
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * s
+        logits = tl.where(mask_m[None, :], logits, float("-inf"))
+        mx = tl.max(logits, axis=1)
+        e = tl.exp(logits - mx[:, None])
+        e = tl.where(mask_m[None, :], e, 0.0)
+        attn = e / tl.sum(e, axis=1)[:, None]
+    out = tl.dot(attn, v, input_precision="ieee")
+    tl.store(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
+
+
+def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                        kind: str) -> torch.Tensor:
+    """q [B,H,N,D]; k [B,H,M,D] or [H,M,D]; v like k with Dv; ``scale`` float32 [H] on q's device."""
+    B, H, N, D = q.shape
+    M, DV = k.shape[-2], v.shape[-1]
+    out = _empty((B, H, N, DV), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    skb, svb = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
+    BLOCK_N = 32 if max(_p2(D), _p2(DV)) > 64 else 64
+    grid = (B * H, triton.cdiv(N, BLOCK_N))
+    _proto_attn_fwd_kernel[grid](
+        q, k, v, scale, out, H, N, M, D, DV,
+        *q.stride(), skb, *k.stride()[-3:], svb, *v.stride()[-3:], *out.stride(),
+        1e-12,
+        KIND=KIND_RELU_COS if kind == "relu_cos" else KIND_SOFTMAX,
+        BLOCK_N=BLOCK_N, BLOCK_M=_p2(M), BLOCK_D=_p2(D), BLOCK_DV=_p2(DV),
+    )
+    return out
+
+
+@triton.jit
+def _route_nearest_kernel(
+    x_ptr, p_ptr, d_ptr, i_ptr,
+    N, M, C,
+    sxb, sxn, sxc,
+    spb, spm, spc,
+    sdb, sdn, sib, sin,
+    eps,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_c = tl.arange(0, BLOCK_C)
+    x_base = x_ptr + b * sxb + offs_n[:, None] * sxn
+    p_base = p_ptr + b * spb
+
+    # token norms
+    xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cm = (c0 + offs_c) < C
+        xt = tl.load(x_base + (c0 + offs_c)[None, :] * sxc, mask=mask_n[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)
+        xx += tl.sum(xt * xt, axis=1)
+    inv_x = 1.0 / tl.maximum(tl.sqrt(xx), eps)
+
+    best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    best_i = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        pp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cm = (c0 + offs_c) < C
+            xt = tl.load(x_base + (c0 + offs_c)[None, :] * sxc, mask=mask_n[:, None] & cm[None, :],
+                         other=0.0).to(tl.float32)
+            pt = tl.load(p_base + offs_m[:, None] * spm + (c0 + offs_c)[None, :] * spc,
+                         mask=mask_m[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            pp += tl.sum(pt * pt, axis=1)
+            dot += tl.dot(xt, tl.trans(pt), input_precision="ieee")
+        inv_p = 1.0 / tl.maximum(tl.sqrt(pp), eps)
+        d = 1.0 - dot * inv_x[:, None] * inv_p[None, :]
+        isn = d != d
+        # NaN wins: map NaN to -inf for the block minimum, remember which rows hold one
+        d_key = tl.where(isn, float("-inf"), d)
+        d_key = tl.where(mask_m[None, :], d_key, float("inf"))
+        bmin = tl.min(d_key, axis=1)
+        hit = (d_key == bmin[:, None]) & mask_m[None, :]
+        bidx = tl.min(tl.where(hit, offs_m[None, :], 2147483647), axis=1)
+        bval_nan = tl.max(tl.where(hit & isn, 1, 0), axis=1) > 0
+        bval = tl.where(bval_nan, float("nan"), bmin)
+        # strict comparison keeps the earlier (lower) index on ties; an earlier NaN is never replaced
+        best_nan = best != best
+        take = (~best_nan) & (bval_nan | (bval < best))
+        best = tl.where(take, bval, best)
+        best_i = tl.where(take, bidx, best_i)
+    tl.store(d_ptr + b * sdb + offs_n * sdn, best, mask=mask_n)
+    tl.store(i_ptr + b * sib + offs_n * sin, best_i.to(tl.int64), mask=mask_n)
+
+
+def route_nearest(x: torch.Tensor, p: torch.Tensor):
+    """x [B,N,C]; p [M,C] or [B,M,C]. Returns (float32 distance [B,N], int64 index [B,N])."""
+    B, N, C = x.shape
+    M = p.shape[-2]
+    dist = _empty((B, N), torch.float32, x.device)
+    idx = _empty((B, N), torch.int64, x.device)
+    if dist.numel() == 0:
+        return dist, idx
+    spb = p.stride(0) if p.dim() == 3 else 0
+    BLOCK_N, BLOCK_M = 32, min(64, _p2(M))
+    BLOCK_C = min(64, _p2(C))
+    grid = (B, triton.cdiv(N, BLOCK_N))
+    _route_nearest_kernel[grid](
+        x, p, dist, idx, N, M, C, *x.stride(), spb, *p.stride()[-2:], *dist.stride(), *idx.stride(),
+        1e-8, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+    )
+    return dist, idx

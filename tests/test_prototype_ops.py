@@ -1,0 +1,542 @@
+"""Prototype attention and prototype routing (DESIGN "Ops" items 2, 3).
+
+- the reference vs independent float64 NumPy re-statements (fresh seeds, M in {1, 6, 64}, N not a
+  multiple of the Triton block, shared / per-sample / per-location banks, strided inputs, fp32,
+  bf16, fp16);
+- ``gradcheck`` of the references in float64;
+- Triton forward + analytic backward vs the reference under the Triton interpreter, in a subprocess
+  with TRITON_INTERPRET=1 set before triton is imported (this file is the subprocess script) and
+  every output the Triton path allocates poisoned with NaN;
+- ``PrototypeAttention`` vs a re-statement of INP-Former's ``Prototype_Attention`` (same weights,
+  same state_dict keys);
+- GPU tests at real shapes (``@pytest.mark.gpu``; skipped without CUDA).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastproto.ops.prototype import PrototypeAttention, prototype_attention, route
+
+_ref = importlib.import_module("fastproto.reference.prototype")
+
+
+def _new_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+@pytest.fixture
+def seed(rng):
+    return int(rng.integers(0, 2**31 - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 NumPy re-statements (independent of the package)
+# ----------------------------------------------------------------------------------------------
+
+
+def np_attention(q, k, v, kind, scale):
+    """q [B,H,N,D]; k, v [B,H,M,*] or [H,M,*]; scale [H] (relu_cos) or float (softmax)."""
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    if k.ndim == 3:
+        k, v = k[None], v[None]
+    if kind == "relu_cos":
+        qn = q / np.maximum(np.sqrt((q * q).sum(-1, keepdims=True)), 1e-12)
+        kn = k / np.maximum(np.sqrt((k * k).sum(-1, keepdims=True)), 1e-12)
+        a = np.maximum(np.einsum("bhnd,bhmd->bhnm", qn, kn) * np.asarray(scale, np.float64).reshape(1, -1, 1, 1), 0)
+    else:
+        z = np.einsum("bhnd,bhmd->bhnm", q, k) * scale
+        z = np.exp(z - z.max(-1, keepdims=True))
+        a = z / z.sum(-1, keepdims=True)
+    return np.einsum("bhnm,bhme->bhne", a, np.broadcast_to(v, (q.shape[0],) + v.shape[1:]))
+
+
+def np_route(x, p, mode, tau=1.0, per_location=False):
+    x, p = np.asarray(x, np.float64), np.asarray(p, np.float64)
+    B, N, C = x.shape
+    if p.ndim == 2:
+        pb = np.broadcast_to(p[None, None], (B, N) + p.shape)
+    elif per_location:
+        pb = np.broadcast_to(p[None], (B,) + p.shape)
+    else:
+        pb = np.broadcast_to(p[:, None], (B, N) + p.shape[1:])
+    dots = np.einsum("bnc,bnmc->bnm", x, pb)
+    if mode == "linear":
+        return np.einsum("bnm,bnmc->bnc", dots, pb)
+    xn = np.maximum(np.sqrt((x * x).sum(-1)), 1e-8)
+    pn = np.maximum(np.sqrt((pb * pb).sum(-1)), 1e-8)
+    cos = dots / xn[..., None] / pn
+    if mode == "nearest":
+        d = 1 - cos
+        idx = np.argmin(d, axis=-1)  # numpy: first occurrence
+        return np.take_along_axis(d, idx[..., None], -1)[..., 0], idx
+    w = np.exp(cos / tau - (cos / tau).max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True)
+    return np.einsum("bnm,bnmc->bnc", w, pb), w
+
+
+def _t(gen, shape, dtype=torch.float32, strided=False):
+    """Random tensor; ``strided``: a non-contiguous view (last dim stride 2 inside a transposed buffer)."""
+    if not strided:
+        return torch.randn(*shape, generator=gen).to(dtype)
+    big = torch.randn(*shape[:-2], shape[-1] * 2, shape[-2], generator=gen).to(dtype)
+    out = big.transpose(-1, -2)[..., ::2]
+    assert tuple(out.shape) == tuple(shape) and not out.is_contiguous()
+    return out
+
+
+def _argmin_ok(idx, x, p, per_location=False, tol=1e-5):
+    """``idx`` picks a prototype whose float64 distance is within ``tol`` of the minimum (equal to the
+    float64 argmin except on near-ties that float32 rounding may flip)."""
+    x, p = torch.as_tensor(np.asarray(x, np.float64)), torch.as_tensor(np.asarray(p, np.float64))
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    pn = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    if p.dim() == 2:
+        d = 1 - xn @ pn.T
+    elif per_location:
+        d = 1 - torch.einsum("bnc,nmc->bnm", xn, pn)
+    else:
+        d = 1 - xn @ pn.transpose(1, 2)
+    idx = torch.as_tensor(np.asarray(idx)).long()
+    picked = d.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    exact = (idx == d.argmin(-1)).double().mean()
+    return bool((picked - d.amin(-1) <= tol).all() and exact >= 0.9)
+
+
+def _rel(got, want):
+    got = np.asarray(got.detach().double() if isinstance(got, torch.Tensor) else got, np.float64)
+    want = np.asarray(want.detach().double() if isinstance(want, torch.Tensor) else want, np.float64)
+    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max())) if want.size else 0.0
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-12}
+
+
+# ----------------------------------------------------------------------------------------------
+# reference vs float64 re-statements
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["relu_cos", "softmax"])
+@pytest.mark.parametrize("M", [1, 6, 64])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_reference_matches_float64(kind, M, shared, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, H, N, D, DV = 2, 3, 37, 16, 8
+    q = _t(gen, (B, H, N, D), dtype, strided=True)
+    ks = (H, M) if shared else (B, H, M)
+    k = _t(gen, ks + (D,), dtype, strided=M > 1)
+    v = _t(gen, ks + (DV,), dtype)
+    if kind == "relu_cos":
+        scale = torch.rand(H, 1, 1, generator=gen) * 4 + 0.25
+        want = np_attention(q.double(), k.double(), v.double(), kind, scale.reshape(-1).numpy())
+    else:
+        scale = None
+        want = np_attention(q.double(), k.double(), v.double(), kind, D ** -0.5)
+    got = prototype_attention(q, k, v, kind=kind, scale=scale, impl="reference")
+    assert got.dtype == dtype and tuple(got.shape) == (B, H, N, DV)
+    assert _rel(got, want) <= TOL[dtype], f"seed={seed}"
+    # auto on CPU is the reference
+    assert torch.equal(prototype_attention(q, k, v, kind=kind, scale=scale), got)
+
+
+def test_attention_scale_forms(seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _t(gen, (1, 4, 5, 8)), _t(gen, (4, 3, 8)), _t(gen, (4, 3, 8))
+    s = torch.rand(4, generator=gen) + 0.5
+    a = prototype_attention(q, k, v, scale=s)
+    assert torch.equal(a, prototype_attention(q, k, v, scale=s.reshape(4, 1, 1)))
+    assert torch.allclose(prototype_attention(q, k, v, scale=2.0), prototype_attention(q, k, v, scale=torch.full((4,), 2.0)))
+    want = np_attention(q, k, v, "softmax", 0.3)
+    assert _rel(prototype_attention(q, k, v, kind="softmax", scale=0.3), want) <= 1e-5
+
+
+@pytest.mark.parametrize("bank", ["shared", "batch", "location"])
+@pytest.mark.parametrize("M", [1, 6, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_route_reference_matches_float64(bank, M, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, N, C = 2, 37, 24
+    x = _t(gen, (B, N, C), dtype, strided=True)
+    pshape = {"shared": (M, C), "batch": (B, M, C), "location": (N, M, C)}[bank]
+    p = _t(gen, pshape, dtype, strided=M > 1)
+    loc = bank == "location"
+    xd, pd = x.double().numpy(), p.double().numpy()
+    tol = TOL[dtype]
+    d, idx = route(x, p, mode="nearest")
+    wd, _ = np_route(xd, pd, "nearest", per_location=loc)
+    assert d.dtype == dtype and idx.dtype == torch.int64
+    assert _rel(d, wd) <= tol, f"seed={seed}"
+    if dtype == torch.float32:
+        assert _argmin_ok(idx, xd, pd, loc), f"seed={seed}"
+    for tau in (0.07, 1.0):
+        out, w = route(x, p, mode="soft", tau=tau)
+        wo, ww = np_route(xd, pd, "soft", tau=tau, per_location=loc)
+        assert _rel(out, wo) <= tol and _rel(w, ww) <= tol, f"tau={tau} seed={seed}"
+    lin = route(x, p, mode="linear")
+    assert _rel(lin, np_route(xd, pd, "linear", per_location=loc)) <= tol, f"seed={seed}"
+
+
+def test_route_ambiguous_bank_needs_flag(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, p = _t(gen, (3, 3, 8)), _t(gen, (3, 5, 8))
+    with pytest.raises(ValueError, match="ambiguous"):
+        route(x, p)
+    a = route(x, p, per_location=True, mode="linear")
+    b = route(x, p, per_location=False, mode="linear")
+    assert _rel(a, np_route(x, p, "linear", per_location=True)) <= 1e-5
+    assert _rel(b, np_route(x, p, "linear", per_location=False)) <= 1e-5
+
+
+def test_route_nearest_ties_lowest_index_and_nan():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [float("nan"), 1.0], [1.0, 1.0]]])
+    p = torch.tensor([[0.0, 1.0], [2.0, 0.0], [3.0, 0.0], [0.0, 5.0], [1.0, 1.0]])
+    d, idx = route(x, p)
+    assert idx.tolist() == [[1, 0, 0, 4]]  # duplicates (up to scale): lowest index wins
+    assert torch.isnan(d[0, 2]) and torch.isfinite(d[0, [0, 1, 3]]).all()
+    # a NaN prototype: NaN counts as the minimum, at its first index
+    p2 = p.clone()
+    p2[3, 0] = float("nan")
+    d2, idx2 = route(x[:, :2], p2)
+    assert idx2.tolist() == [[3, 3]] and torch.isnan(d2).all()
+
+
+def test_nan_propagates_attention(seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _t(gen, (1, 2, 5, 4)), _t(gen, (1, 2, 3, 4)), _t(gen, (1, 2, 3, 4))
+    q[0, 0, 1, 2] = float("nan")
+    for kind in ("relu_cos", "softmax"):
+        out = prototype_attention(q, k, v, kind=kind)
+        assert torch.isnan(out[0, 0, 1]).all() and torch.isfinite(out[0, 1]).all()
+
+
+def test_zero_vectors_are_finite():
+    q = torch.zeros(1, 1, 2, 4)
+    k = torch.zeros(1, 3, 4)
+    assert torch.equal(prototype_attention(q, k, torch.ones(1, 3, 4)), torch.zeros(1, 1, 2, 4))
+    d, idx = route(torch.zeros(1, 2, 4), torch.randn(3, 4))
+    assert torch.equal(d, torch.ones(1, 2)) and idx.tolist() == [[0, 0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients of the references (float64)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["relu_cos", "softmax"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_attention_reference_gradcheck(kind, shared, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = _t(gen, (2, 2, 5, 3), torch.float64).requires_grad_()
+    ks = (2, 4) if shared else (2, 2, 4)
+    k = _t(gen, ks + (3,), torch.float64).requires_grad_()
+    v = _t(gen, ks + (2,), torch.float64).requires_grad_()
+    s = (torch.rand(2, 1, 1, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    if kind == "relu_cos":
+        fn = lambda q, k, v, s: _ref.prototype_attention(q, k, v, kind=kind, scale=s)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v, s)), f"seed={seed}"
+    else:
+        fn = lambda q, k, v: _ref.prototype_attention(q, k, v, kind=kind)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v)), f"seed={seed}"
+
+
+@pytest.mark.parametrize("mode", ["nearest", "soft", "linear"])
+@pytest.mark.parametrize("bank", ["shared", "batch", "location"])
+def test_route_reference_gradcheck(mode, bank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, N, M, C = 2, 3, 4, 5
+    x = _t(gen, (B, N, C), torch.float64).requires_grad_()
+    p = _t(gen, {"shared": (M, C), "batch": (B, M, C), "location": (N, M, C)}[bank], torch.float64).requires_grad_()
+    loc = bank == "location"
+
+    def fn(x, p):
+        r = _ref.route(x, p, mode=mode, tau=0.5, per_location=loc)
+        return r[0] if isinstance(r, tuple) else r
+
+    assert torch.autograd.gradcheck(fn, (x, p)), f"seed={seed}"
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: prototype_attention(torch.randn(2, 3, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4)), ValueError, "q must be 4-D"),
+    (lambda: prototype_attention(torch.randn(1, 3, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)), ValueError, "k must be"),
+    (lambda: prototype_attention(torch.randn(1, 3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 5, 8)), ValueError, "v must match k"),
+    (lambda: prototype_attention(torch.randn(1, 3, 4, 8), torch.randn(3, 2, 8).half(), torch.randn(3, 2, 8)), TypeError, "k has dtype"),
+    (lambda: prototype_attention(torch.randn(1, 3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8), kind="cos"), ValueError, "kind"),
+    (lambda: prototype_attention(torch.randn(1, 3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8), scale=torch.ones(2)), ValueError, "scale"),
+    (lambda: prototype_attention(torch.randn(1, 3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8), impl="fast"), ValueError, "impl"),
+    (lambda: prototype_attention(torch.randn(1, 3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8), impl="triton"), RuntimeError, "CUDA|triton"),
+    (lambda: route(torch.randn(2, 4, 8), torch.randn(3, 7)), ValueError, "prototypes must have C=8"),
+    (lambda: route(torch.randn(2, 4, 8), torch.randn(3, 3, 8)), ValueError, "prototype bank needs leading dim"),
+    (lambda: route(torch.randn(4, 8), torch.randn(3, 8)), ValueError, "x must be 3-D"),
+    (lambda: route(torch.randn(2, 4, 8), torch.randn(3, 8), mode="hard"), ValueError, "mode"),
+    (lambda: route(torch.randn(2, 4, 8), torch.randn(3, 8), mode="soft", tau=0.0), ValueError, "tau"),
+    (lambda: route(torch.randn(2, 4, 8), torch.randn(3, 8).double()), TypeError, "prototypes has dtype"),
+    (lambda: route(torch.randn(2, 4, 8).long(), torch.randn(3, 8)), TypeError, "x must be float"),
+])
+def test_errors(call, exc, match):
+    if match == "CUDA|triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode")
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------
+# INP-Former module parity
+# ----------------------------------------------------------------------------------------------
+
+
+class _OfficialPrototypeAttention(torch.nn.Module):
+    """Re-statement of INP-Former's ``Prototype_Attention`` (eval mode, no dropout)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.learn_scale = torch.nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.q = torch.nn.Linear(dim, dim, bias=False)
+        self.kv = torch.nn.Linear(dim, dim * 2, bias=False)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, protos):
+        B, N, C = x.shape
+        H, M = self.num_heads, protos.shape[1]
+        q = self.q(x).view(B, N, H, C // H).permute(0, 2, 1, 3)
+        kv = self.kv(protos).view(B, M, 2, H, C // H)
+        k, v = kv[:, :, 0].permute(0, 2, 1, 3), kv[:, :, 1].permute(0, 2, 1, 3)
+        a = F.relu(F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * self.learn_scale)
+        return self.proj((a @ v).permute(0, 2, 1, 3).reshape(B, N, C)), a
+
+
+def test_prototype_attention_module_matches_inp_former(seed):
+    torch.manual_seed(seed)
+    C, H = 48, 4
+    off = _OfficialPrototypeAttention(C, H).double()
+    with torch.no_grad():
+        off.learn_scale.uniform_(0.5, 3.0)
+    mod = PrototypeAttention(C, num_heads=H).double()
+    assert list(mod.state_dict().keys()) == list(off.state_dict().keys())
+    assert all(mod.state_dict()[n].shape == t.shape for n, t in off.state_dict().items())
+    mod.load_state_dict(off.state_dict())
+    x = torch.randn(2, 29, C, dtype=torch.float64, requires_grad=True)
+    pr = torch.randn(2, 6, C, dtype=torch.float64, requires_grad=True)
+    want, want_a = off(x, pr)
+    got, got_a = mod(x, pr, return_attn=True)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12) and torch.allclose(got_a, want_a)
+    g = torch.randn_like(want)
+    gw = torch.autograd.grad(want, [x, pr, off.learn_scale, off.kv.weight], g)
+    gg = torch.autograd.grad(got, [x, pr, mod.learn_scale, mod.kv.weight], g)
+    for a, b in zip(gg, gw):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), f"seed={seed}"
+    # shared [M, C] prototypes == the same prototypes repeated over the batch
+    shared = pr[0].detach()
+    assert torch.allclose(mod(x, shared)[0], mod(x, shared.expand(2, -1, -1))[0], atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton (interpreter, subprocess) vs reference
+# ----------------------------------------------------------------------------------------------
+
+ATTN_CASES = [  # (kind, B, H, N, M, D, Dv, shared, dtype, strided)
+    ("relu_cos", 2, 2, 37, 1, 16, 16, False, "float32", False),
+    ("relu_cos", 1, 3, 70, 6, 8, 12, True, "float32", True),
+    ("relu_cos", 1, 2, 20, 64, 16, 8, False, "bfloat16", True),
+    ("relu_cos", 2, 1, 9, 17, 5, 3, True, "float16", False),
+    ("softmax", 2, 2, 37, 6, 16, 8, False, "float32", True),
+    ("softmax", 1, 2, 65, 64, 8, 8, True, "float32", False),
+    ("softmax", 1, 1, 10, 1, 4, 4, False, "bfloat16", False),
+]
+ROUTE_CASES = [  # (B, N, M, C, bank, dtype, strided)
+    (2, 37, 1, 16, "shared", "float32", False),
+    (2, 37, 6, 24, "batch", "float32", True),
+    (1, 50, 150, 70, "shared", "float32", True),  # several prototype and channel blocks
+    (2, 33, 9, 16, "batch", "bfloat16", False),
+]
+
+
+def _interpreter_main(seed: int) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    tm = importlib.import_module("fastproto.triton.prototype")
+    tm.POISON_OUTPUTS = True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    res = {"_interpreted": all(isinstance(k, InterpretedFunction)
+                               for k in (tm._proto_attn_fwd_kernel, tm._route_nearest_kernel))}
+    for i, (kind, B, H, N, M, D, DV, shared, dt, strided) in enumerate(ATTN_CASES):
+        name = f"attn{i}"
+        try:
+            gen = torch.Generator().manual_seed(seed + i)
+            dtype = getattr(torch, dt)
+            q = _t(gen, (B, H, N, D), dtype, strided).requires_grad_()
+            ks = (H, M) if shared else (B, H, M)
+            k = _t(gen, ks + (D,), dtype, strided and M > 1).requires_grad_()
+            v = _t(gen, ks + (DV,), dtype).requires_grad_()
+            s = (torch.rand(H, 1, 1, generator=gen) * 3 + 0.2).requires_grad_() if kind == "relu_cos" else None
+            ins = [q, k, v] + ([s] if s is not None else [])
+            got = prototype_attention(q, k, v, kind=kind, scale=s, impl="triton")
+            want = prototype_attention(q, k, v, kind=kind, scale=s, impl="reference")
+            g = torch.randn(got.shape, generator=gen).to(dtype)
+            gg = torch.autograd.grad(got, ins, g)
+            gw = torch.autograd.grad(want, ins, g)
+            res[name] = {"dtype_ok": got.dtype == dtype, "finite": bool(torch.isfinite(got).all()),
+                         "err": _rel(got, want),
+                         "gerr": max(_rel(a, b) for a, b in zip(gg, gw)), "dt": dt}
+        except Exception as exc:
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for i, (B, N, M, C, bank, dt, strided) in enumerate(ROUTE_CASES):
+        name = f"route{i}"
+        try:
+            gen = torch.Generator().manual_seed(seed + 100 + i)
+            dtype = getattr(torch, dt)
+            x = _t(gen, (B, N, C), dtype, strided).requires_grad_()
+            p = _t(gen, (M, C) if bank == "shared" else (B, M, C), dtype, strided and M > 1).requires_grad_()
+            d, idx = route(x, p, impl="triton")
+            dr, _ = route(x, p, impl="reference")
+            g = torch.randn(d.shape, generator=gen).to(dtype)
+            gg = torch.autograd.grad(d, [x, p], g)
+            gw = torch.autograd.grad(dr, [x, p], g)
+            res[name] = {"dtype_ok": d.dtype == dtype and idx.dtype == torch.int64,
+                         "finite": bool(torch.isfinite(d).all()), "err": _rel(d, dr),
+                         "idx_ok": _argmin_ok(idx, x.detach().double(), p.detach().double()) if dt == "float32" else True,
+                         "gerr": max(_rel(a, b) for a, b in zip(gg, gw)), "dt": dt}
+        except Exception as exc:
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    # ties and NaN through the streaming argmin (duplicates across prototype blocks)
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [float("nan"), 1.0], [1.0, 1.0]]])
+    p = torch.tensor([[0.0, 1.0], [2.0, 0.0], [3.0, 0.0], [0.0, 5.0], [1.0, 1.0]])
+    p = torch.cat([p, p.repeat(20, 1)])  # 105 prototypes, BLOCK_M = 64: ties across blocks
+    d, idx = route(x, p, impl="triton")
+    res["_ties"] = idx.tolist() == [[1, 0, 0, 4]] and bool(torch.isnan(d[0, 2]))
+    p2 = p.clone()
+    p2[70, 0] = float("nan")
+    d2, idx2 = route(x[:, :2], p2, impl="triton")
+    res["_nan_proto"] = idx2.tolist() == [[70, 70]] and bool(torch.isnan(d2).all())
+    # NaN propagates through the Triton attention (and never crashes)
+    q = torch.randn(1, 2, 5, 4)
+    q[0, 0, 1, 2] = float("nan")
+    kk, vv = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    res["_nan_attn"] = all(
+        bool(torch.isnan(o[0, 0, 1]).all() and torch.isfinite(o[0, 1]).all() and torch.isfinite(o[0, 0, 0]).all())
+        for o in (prototype_attention(q, kk, vv, kind=kd, impl="triton") for kd in ("relu_cos", "softmax")))
+    # unsupported sizes are refused with the reason when forced
+    try:
+        prototype_attention(torch.randn(1, 1, 4, 4), torch.randn(1, 65, 4), torch.randn(1, 65, 4), impl="triton")
+        res["_m65"] = "accepted"
+    except RuntimeError as exc:
+        res["_m65"] = str(exc)
+    try:
+        route(torch.randn(2, 4, 8), torch.randn(3, 8), mode="soft", impl="triton")
+        res["_soft"] = "accepted"
+    except RuntimeError as exc:
+        res["_soft"] = str(exc)
+    print("RESULTS_JSON " + json.dumps(res))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    from fastproto import triton as tpkg
+
+    if not tpkg.is_available():
+        pytest.skip("triton is not installed")
+    seed = _new_seed()
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTPROTO_POISON_OUTPUTS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpreter-cases", str(seed)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON ")]
+    assert proc.returncode == 0 and lines, (
+        f"interpreter subprocess failed (seed={seed}, rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return seed, json.loads(lines[-1][len("RESULTS_JSON "):])
+
+
+def test_interpreter_is_really_used(interpreter_results):
+    seed, res = interpreter_results
+    assert res["_interpreted"], f"kernels were not InterpretedFunction objects (seed={seed})"
+
+
+@pytest.mark.parametrize("name", [f"attn{i}" for i in range(len(ATTN_CASES))] + [f"route{i}" for i in range(len(ROUTE_CASES))])
+def test_triton_interpreter_matches_reference(name, interpreter_results):
+    seed, res = interpreter_results
+    e = res[name]
+    assert "error" not in e, f"{name}: {e.get('error')} (seed={seed})"
+    assert e["dtype_ok"] and e["finite"], f"{name}: dtype or unwritten (NaN-poisoned) output (seed={seed})"
+    assert e.get("idx_ok", True), f"{name}: argmin differs (seed={seed})"
+    tol = 1e-5 if e["dt"] == "float32" else 1e-2
+    assert e["err"] <= tol, f"{name}: forward rel err {e['err']:.2e} (seed={seed})"
+    assert e["gerr"] <= tol, f"{name}: backward rel err {e['gerr']:.2e} (seed={seed})"
+
+
+def test_triton_interpreter_ties_nan_and_unsupported(interpreter_results):
+    seed, res = interpreter_results
+    assert res["_ties"] and res["_nan_proto"] and res["_nan_attn"], f"seed={seed}"
+    assert "M=65" in res["_m65"], res["_m65"]
+    assert "soft" in res["_soft"], res["_soft"]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: real shapes
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpu_ready():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the kernels in the interpreter")
+    from fastproto import triton as tpkg
+
+    if not tpkg.is_available():
+        pytest.skip("triton is not installed")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M", [6, 8, 12])
+@pytest.mark.parametrize("kind", ["relu_cos", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_attention_real_shapes(M, kind, dtype, seed):
+    _gpu_ready()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, H, N, D = 16, 12, 784, 64
+    q = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(B, H, M, D, device="cuda", generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(B, H, M, D, device="cuda", generator=gen).to(dtype).requires_grad_()
+    s = (torch.rand(H, 1, 1, device="cuda", generator=gen) + 0.5).requires_grad_() if kind == "relu_cos" else None
+    ins = [q, k, v] + ([s] if s is not None else [])
+    got = prototype_attention(q, k, v, kind=kind, scale=s, impl="triton")
+    want = prototype_attention(q, k, v, kind=kind, scale=s, impl="reference")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(got.cpu(), want.cpu()) <= tol
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, ins, g), torch.autograd.grad(want, ins, g)):
+        assert _rel(a.cpu(), b.cpu()) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M", [6, 8, 12, 789])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_route_nearest_real_shapes(M, dtype, seed):
+    _gpu_ready()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, N, C = 16, 784, 768
+    x = torch.randn(B, N, C, device="cuda", generator=gen).to(dtype)
+    p = torch.randn(B, M, C, device="cuda", generator=gen).to(dtype)
+    d, idx = route(x, p, impl="triton")
+    dr, _ = route(x, p, impl="reference")
+    assert _rel(d.cpu(), dr.cpu()) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.float32:
+        assert _argmin_ok(idx.cpu(), x.double().cpu(), p.double().cpu())
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
+    _interpreter_main(int(sys.argv[2]))
