@@ -49,7 +49,7 @@ def info(print_out: bool = True) -> dict:
                 "cuda": "cuda" if _ext.has_op("histogram_update", "cuda") else "torch",
             },
             **{name: {"cpu": "reference", "cuda": "triton" if _triton_version() else "reference"}
-               for name in ("anomaly_map", "linear_attention", "prototype_attention", "route")},
+               for name in ("anomaly_map", "linear_attention", "prototype_attention", "route", "sinkhorn")},
         },
     }
     if print_out:

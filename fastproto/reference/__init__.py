@@ -6,3 +6,5 @@ public wrapper in ``fastproto.ops`` can share a name without shadowing each othe
 from fastproto.reference import anomaly_map, metrics  # noqa: F401  (op and metric references)
 from fastproto.reference import linear_attention  # noqa: F401,E402  (linear attention reference)
 from fastproto.reference import prototype  # noqa: F401,E402  (prototype attention / routing reference)
+from fastproto.reference import losses  # noqa: F401,E402  (mining cosine / coherence loss reference)
+from fastproto.reference import sinkhorn  # noqa: F401,E402  (batched log-domain Sinkhorn reference)
