@@ -14,11 +14,9 @@ read outside the view poisons the result.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import secrets
-import subprocess
 import sys
 
 import numpy as np
@@ -26,6 +24,7 @@ import pytest
 import scipy.ndimage
 import torch
 
+from tests import _interpreter
 from fastproto.ops import anomaly_map, gaussian_blur, image_score
 
 ref = importlib.import_module("fastproto.reference.anomaly_map")
@@ -530,25 +529,13 @@ def _interpreter_main(seed: int) -> None:
         results["_grad_refused"] = "forward-only" in str(exc)
     with torch.no_grad():
         results["_no_grad_ok"] = bool(torch.isfinite(anomaly_map([x], [x], 4, impl="triton")).all())
-    print("RESULTS_JSON " + json.dumps(results))
+    _interpreter.emit(results)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    if not _triton_importable():
-        pytest.skip("triton is not installed")
     seed = _new_seed()
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTPROTO_POISON_OUTPUTS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--interpreter-cases", str(seed)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON ")]
-    assert proc.returncode == 0 and lines, (
-        f"interpreter subprocess failed (seed={seed}, rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
-        f"{proc.stderr[-5000:]}"
-    )
-    return seed, json.loads(lines[-1][len("RESULTS_JSON "):])
+    return seed, _interpreter.run(__file__, seed)
 
 
 def test_interpreter_is_really_used(interpreter_results):

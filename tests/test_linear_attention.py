@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests import _interpreter
 from fastproto.ops import LinearAttention, LinearCrossAttention, linear_attention
 from fastproto.ops.linear_attention import linear_attention_with_state
 
@@ -380,27 +379,13 @@ def _interpreter_main(seed: int) -> None:
     m.impl = "reference"
     o_r, kv_r = m(x)
     results["_module"] = {"out": _rel_err(o_t, o_r), "kv": _rel_err(kv_t, kv_r)}
-    print("RESULTS_JSON " + json.dumps(results))
+    _interpreter.emit(results)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    from fastproto import triton as tpkg
-
-    if not tpkg.is_available():
-        pytest.skip("triton is not installed")
     seed = int.from_bytes(os.urandom(3), "little")
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTPROTO_POISON_OUTPUTS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--interpreter-cases", str(seed)],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON ")]
-    assert proc.returncode == 0 and lines, (
-        f"interpreter subprocess failed (seed={seed}, rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
-        f"{proc.stderr[-5000:]}"
-    )
-    return seed, json.loads(lines[-1][len("RESULTS_JSON "):])
+    return seed, _interpreter.run(__file__, seed)
 
 
 def test_interpreter_is_really_used(interpreter_results):

@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -24,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests import _interpreter
 from fastproto.ops.prototype import PrototypeAttention, prototype_attention, route
 
 _ref = importlib.import_module("fastproto.reference.prototype")
@@ -441,23 +440,13 @@ def _interpreter_main(seed: int) -> None:
         res["_soft"] = "accepted"
     except RuntimeError as exc:
         res["_soft"] = str(exc)
-    print("RESULTS_JSON " + json.dumps(res))
+    _interpreter.emit(res)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    from fastproto import triton as tpkg
-
-    if not tpkg.is_available():
-        pytest.skip("triton is not installed")
     seed = _new_seed()
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTPROTO_POISON_OUTPUTS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpreter-cases", str(seed)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON ")]
-    assert proc.returncode == 0 and lines, (
-        f"interpreter subprocess failed (seed={seed}, rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return seed, json.loads(lines[-1][len("RESULTS_JSON "):])
+    return seed, _interpreter.run(__file__, seed)
 
 
 def test_interpreter_is_really_used(interpreter_results):

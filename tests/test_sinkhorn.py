@@ -15,15 +15,14 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests import _interpreter
 from fastproto.ops import ot_alignment_loss, sinkhorn
 
 ref = importlib.import_module("fastproto.reference.sinkhorn")
@@ -383,27 +382,13 @@ def _interpreter_main(seed: int) -> None:
         v = ot_alignment_loss(xx, pp, normalize=True, impl=impl)
         vals[impl] = (v.detach(), *torch.autograd.grad(v, (xx, pp)))
     results["_ot_loss"] = [_rel_err(t, r) for t, r in zip(vals["triton"], vals["reference"])]
-    print("RESULTS_JSON " + json.dumps(results))
+    _interpreter.emit(results)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    from fastproto import triton as tpkg
-
-    if not tpkg.is_available():
-        pytest.skip("triton is not installed")
     seed = int.from_bytes(os.urandom(3), "little")
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTPROTO_POISON_OUTPUTS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--interpreter-cases", str(seed)],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON ")]
-    assert proc.returncode == 0 and lines, (
-        f"interpreter subprocess failed (seed={seed}, rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
-        f"{proc.stderr[-5000:]}"
-    )
-    return seed, json.loads(lines[-1][len("RESULTS_JSON "):])
+    return seed, _interpreter.run(__file__, seed)
 
 
 def test_interpreter_is_really_used(interpreter_results):

@@ -26,6 +26,21 @@ def is_available() -> bool:
     return _AVAILABLE
 
 
+# Tests set FASTPROTO_POISON_OUTPUTS=1: every buffer a kernel module allocates is then filled with NaN
+# (integers: -7) before the kernels run, so an element a kernel fails to write cannot go unnoticed.
+POISON_OUTPUTS = os.environ.get("FASTPROTO_POISON_OUTPUTS", "0") == "1"
+
+
+def empty_output(shape, dtype, device):
+    """``torch.empty`` for kernel outputs, poisoned when ``FASTPROTO_POISON_OUTPUTS=1``."""
+    import torch
+
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan") if dtype.is_floating_point else -7)
+    return out
+
+
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run on the CPU (for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -30,7 +30,6 @@ inputs.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
 
@@ -39,23 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fastproto.triton import empty_output
+
 MAX_GROUP = 8  # members per side the cosine kernel sums on the fly; larger groups are pre-averaged
 
 MODE_DIRECT = 0
 MODE_PAIRS = 1
 MODE_RESIZE = 2
-
-# Fill every buffer this module allocates with NaN before the kernels run (tests set this, or
-# FASTPROTO_POISON_OUTPUTS=1), so an element a kernel fails to write cannot go unnoticed.
-POISON_OUTPUTS = os.environ.get("FASTPROTO_POISON_OUTPUTS", "0") == "1"
-
-
-def _empty(shape, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -337,7 +326,7 @@ def cos_distance(
     C, h, w, e_sb, e_sc, e_sy, e_sx = _spatial_strides(enc[0])
     _, _, _, d_sb, d_sc, d_sy, d_sx = _spatial_strides(dec[0])
     if out is None:
-        out = _empty((B, h, w), enc[0].device)
+        out = empty_output((B, h, w), torch.float32, enc[0].device)
     if B == 0 or h * w == 0:
         return out.view(B, h, w)
     # tile shapes tuned on an H100 (B=16, 28x28, C=768, groups of 4): ~2.7-3.0 TB/s
@@ -406,12 +395,12 @@ def _blur_from(src_kind, B, OH, OW, device, sigma, kernel_size, **kw):
     blur = sigma is not None and kernel_size > 1
     ks = kernel_size if blur else 1
     weights = gaussian_kernel1d(sigma, kernel_size, device) if blur else kw["dummy"]
-    rows = _empty((B, OH, OW), device)
+    rows = empty_output((B, OH, OW), torch.float32, device)
     _launch_rows(rows, kw["src"], kw["meta"], kw["scales"], weights, kw["n_pairs"], OH, OW, B,
                  kw.get("src_strides"), kw.get("SH", 1), kw.get("SW", 1), src_kind, ks)
     if not blur:
         return rows
-    out = _empty((B, OH, OW), device)
+    out = empty_output((B, OH, OW), torch.float32, device)
     _launch_vblur(out, rows, weights, OH, OW, B, ks)
     return out
 
@@ -436,7 +425,7 @@ def anomaly_map(
     OH, OW = out_size
     FH, FW = eval_size if eval_size is not None else out_size
     if B == 0:
-        return _empty((0, FH, FW), device)
+        return empty_output((0, FH, FW), torch.float32, device)
 
     # 1) per-pair distance maps at feature resolution, packed in one flat buffer
     sizes = [_spatial_strides(e[0])[1:3] for e, _ in members]
@@ -444,7 +433,7 @@ def anomaly_map(
     for h, w in sizes:
         offsets.append(total)
         total += B * h * w
-    dbuf = _empty((total,), device)
+    dbuf = empty_output((total,), torch.float32, device)
     for (enc, dec), off, (h, w) in zip(members, offsets, sizes):
         cos_distance(enc, dec, out=dbuf[off: off + B * h * w])
     key = (tuple(sizes), B, OH, OW)

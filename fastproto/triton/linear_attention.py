@@ -31,26 +31,14 @@ validated inputs.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from fastproto.triton import empty_output
+
 MAX_HEAD_DIM = 128
 PHI_CODES = {"elu": 0, "relu": 1}
-
-# Fill every buffer this module allocates with NaN before the kernels run (tests set this, or
-# FASTPROTO_POISON_OUTPUTS=1), so an element a kernel fails to write cannot go unnoticed.
-POISON_OUTPUTS = os.environ.get("FASTPROTO_POISON_OUTPUTS", "0") == "1"
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -254,9 +242,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str, eps: fl
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     dev = q.device
-    out = _empty((B, Nq, H, Dv), q.dtype, dev).permute(0, 2, 1, 3)
-    state = _empty((B, H, D, Dv), torch.float32, dev)
-    ksum = _empty((B, H, D), torch.float32, dev)
+    out = empty_output((B, Nq, H, Dv), q.dtype, dev).permute(0, 2, 1, 3)
+    state = empty_output((B, H, D, Dv), torch.float32, dev)
+    ksum = empty_output((B, H, D), torch.float32, dev)
     if B * H == 0:
         return out, state, ksum
     bd, bdv, block_n, nw = _blocks(D, Dv, dev)
@@ -278,11 +266,11 @@ def backward(q, k, v, state, ksum, grad_out, phi: str, eps: float):
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     dev = q.device
-    dq = _empty(q.shape, q.dtype, dev)
-    dk = _empty(k.shape, k.dtype, dev)
-    dv = _empty(v.shape, v.dtype, dev)
-    ds = _empty((B, H, D, Dv), torch.float32, dev)
-    dz = _empty((B, H, D), torch.float32, dev)
+    dq = empty_output(q.shape, q.dtype, dev)
+    dk = empty_output(k.shape, k.dtype, dev)
+    dv = empty_output(v.shape, v.dtype, dev)
+    ds = empty_output((B, H, D, Dv), torch.float32, dev)
+    dz = empty_output((B, H, D), torch.float32, dev)
     if B * H == 0:
         return dq, dk, dv
     bd, bdv, block_n, nw = _blocks(D, Dv, dev)

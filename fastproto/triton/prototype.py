@@ -18,30 +18,16 @@ validated inputs.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fastproto.triton import empty_output
 
 KIND_RELU_COS = 0
 KIND_SOFTMAX = 1
 MAX_M = 64
 MAX_D = 256
-
-# tests set this (or FASTPROTO_POISON_OUTPUTS=1): outputs are NaN-filled before the kernels run
-POISON_OUTPUTS = os.environ.get("FASTPROTO_POISON_OUTPUTS", "0") == "1"
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_OUTPUTS:
-        if dtype.is_floating_point:
-            out.fill_(float("nan"))
-        else:
-            out.fill_(-7)
-    return out
-
 
 def _p2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
@@ -106,7 +92,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     """q [B,H,N,D]; k [B,H,M,D] or [H,M,D]; v like k with Dv; ``scale`` float32 [H] on q's device."""
     B, H, N, D = q.shape
     M, DV = k.shape[-2], v.shape[-1]
-    out = _empty((B, H, N, DV), q.dtype, q.device)
+    out = empty_output((B, H, N, DV), q.dtype, q.device)
     if out.numel() == 0:
         return out
     skb, svb = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
@@ -188,8 +174,8 @@ def route_nearest(x: torch.Tensor, p: torch.Tensor):
     """x [B,N,C]; p [M,C] or [B,M,C]. Returns (float32 distance [B,N], int64 index [B,N])."""
     B, N, C = x.shape
     M = p.shape[-2]
-    dist = _empty((B, N), torch.float32, x.device)
-    idx = _empty((B, N), torch.int64, x.device)
+    dist = empty_output((B, N), torch.float32, x.device)
+    idx = empty_output((B, N), torch.int64, x.device)
     if dist.numel() == 0:
         return dist, idx
     spb = p.stride(0) if p.dim() == 3 else 0

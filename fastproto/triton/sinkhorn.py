@@ -23,25 +23,13 @@ Use :func:`fastproto.ops.sinkhorn` (validation, dispatch); functions here assume
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from fastproto.triton import empty_output
+
 MAX_K = 64
-
-# Fill every buffer this module allocates with NaN before the kernel runs (tests set this, or
-# FASTPROTO_POISON_OUTPUTS=1), so an element the kernel fails to write cannot go unnoticed.
-POISON_OUTPUTS = os.environ.get("FASTPROTO_POISON_OUTPUTS", "0") == "1"
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
 
 @triton.jit
 def _row_pass(c_base, c_sn, c_sk, la_base, f_base, fin_off, fout_off, g, offs_k, mk, N, eps,
@@ -160,12 +148,10 @@ def solve(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: flo
     dev = cost.device
     log_a = log_a.to(torch.float32).contiguous()
     log_b = log_b.to(torch.float32).contiguous()
-    f_ws = _empty((B, 2, N), torch.float32, dev)
-    plan = _empty((B, N, K), cost.dtype, dev)
-    loss = _empty((B,), torch.float32, dev)
-    iters = torch.zeros((B,), dtype=torch.int32, device=dev)
-    if POISON_OUTPUTS:
-        iters.fill_(-1)
+    f_ws = empty_output((B, 2, N), torch.float32, dev)
+    plan = empty_output((B, N, K), cost.dtype, dev)
+    loss = empty_output((B,), torch.float32, dev)
+    iters = empty_output((B,), torch.int32, dev)
     block_n, block_k = _blocks(K)
     _sinkhorn_kernel[(B,)](
         cost, log_a, log_b, f_ws, plan, loss, iters,
