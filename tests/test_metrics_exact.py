@@ -127,3 +127,41 @@ def test_property_invariances(data):
         assert scaled[key] == pytest.approx(base[key], abs=1e-12), (key, seed)
         assert shuffled[key] == pytest.approx(base[key], abs=1e-12), (key, seed)
     assert all(0 <= v <= 1 for v in base.values() if not math.isnan(v))
+
+
+def _bruteforce_aupro(maps, masks, limit):
+    """AUPRO by its definition, threshold by threshold (no cumulative sums, no shared helpers)."""
+    import scipy.ndimage as nd
+
+    regions = []  # (image index, region mask)
+    for b, m in enumerate(masks):
+        lab, n = nd.label(m, structure=np.ones((3, 3)))
+        regions += [(b, lab == r) for r in range(1, n + 1)]
+    normal = ~masks
+    xs, ys = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        above = maps >= t
+        xs.append((above & normal).sum() / normal.sum())
+        ys.append(float(np.mean([(above[b] & region).sum() / region.sum() for b, region in regions])))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 >= limit:
+            break
+        if x1 <= limit:
+            area += 0.5 * (y0 + y1) * (x1 - x0)
+        else:
+            y_lim = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            area += 0.5 * (y0 + y_lim) * (limit - x0)
+    return area / limit
+
+
+@pytest.mark.parametrize("limit", [0.05, 0.3])
+def test_reference_aupro_against_definition(rng, limit):
+    """The float64 reference (and the engine) against AUPRO computed threshold by threshold."""
+    masks = blob_masks(rng, 5, 14, 14, frac_anomalous=0.8)
+    masks[0, 2, 2] = True
+    masks[-1] = False
+    maps = maps_for(rng, masks, "ties").astype(np.float64)
+    expected = _bruteforce_aupro(maps, masks, limit)
+    assert ref.aupro(maps, masks, limit) == pytest.approx(expected, abs=1e-12)
+    assert aupro(maps.astype(np.float32), masks, fpr_limit=limit) == pytest.approx(expected, abs=1e-9)
