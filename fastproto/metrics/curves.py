@@ -28,12 +28,13 @@ def _trapezoid_to(x: torch.Tensor, y: torch.Tensor, limit: float) -> torch.Tenso
 
 
 def curve_metrics(dtp: torch.Tensor, dfp: torch.Tensor, dpro: torch.Tensor | None = None, n_regions: int = 0,
-                  fpr_limit: float = 0.3) -> dict[str, float]:
+                  fpr_limit: float = 0.3, f1_eps: float = 0.0) -> dict[str, float]:
     """AUROC, AP, F1-max and AUPRO from descending-threshold increments (float64 accumulation).
 
     AUROC is the trapezoid area of the ROC, written as the Mann-Whitney sum over thresholds with anomalous
     increments (pairs tied at one threshold count 1/2); AP is the step sum of precision over recall
-    increments; F1-max peaks at a threshold with an anomalous increment (elsewhere precision only falls);
+    increments; F1-max = max 2PR/(P+R+f1_eps) (``f1_eps`` > 0 reproduces codes that add it) peaks at a
+    threshold with an anomalous increment (elsewhere precision only falls);
     AUPRO integrates the PRO curve only up to the point where FPR crosses the limit.
     Undefined values are NaN: AUROC without both classes, AP/F1 without positives, AUPRO without regions
     or normal pixels.
@@ -48,7 +49,8 @@ def curve_metrics(dtp: torch.Tensor, dfp: torch.Tensor, dpro: torch.Tensor | Non
         n_pos = float(tp[-1])
         fp_hit = fp[hit]
         out["ap"] = float(torch.sum(step * tp / (tp + fp_hit)) / n_pos)
-        out["f1max"] = float(torch.max(2 * tp / (tp + fp_hit + n_pos)))
+        precision, recall = tp / (tp + fp_hit), tp / n_pos
+        out["f1max"] = float(torch.max(2 * precision * recall / (precision + recall + f1_eps)))
         if n_neg > 0:
             below = n_neg - fp_hit + 0.5 * dfp[hit].double()
             out["auroc"] = float(torch.sum(step * below) / (n_pos * n_neg))
@@ -73,14 +75,15 @@ def group_positives(pos: torch.Tensor, weights: torch.Tensor | None = None):
     if weights is not None:
         wsum = torch.zeros(distinct.numel(), dtype=torch.float64, device=pos.device)
         wsum.index_add_(0, inverse, weights.double()[perm])
-    return distinct.float().contiguous(), counts, wsum
+    return distinct.contiguous(), counts, wsum
 
 
 def count_negatives(neg_chunks: list[torch.Tensor], values: torch.Tensor, *, impl: str = "auto"):
     """Normal scores equal to each distinct value (eq[G]) and strictly inside each gap (gap[G+1])."""
     device = values.device.type
-    chunks = [c.contiguous() for c in neg_chunks if c.numel()]
-    if impl != "reference" and _ext.has_op("count_negatives", device):
+    chunks = [c.to(values.dtype).contiguous() for c in neg_chunks if c.numel()]
+    # the compiled kernels take float32 (the evaluator's precision); other dtypes use the torch path
+    if impl != "reference" and values.dtype == torch.float32 and _ext.has_op("count_negatives", device):
         return _ext.op("count_negatives")(chunks, values)
     G = values.numel()
     eq = torch.zeros(G, dtype=torch.long, device=values.device)
@@ -113,10 +116,16 @@ def exact_increments(values, counts, wsum, eq, gap):
 
 
 def exact_metrics(neg_chunks, pos, pos_sizes=None, n_regions: int = 0, fpr_limit: float = 0.3,
-                  *, impl: str = "auto") -> dict[str, float]:
-    """Exact AUROC/AP/F1-max/AUPRO: one sort of the anomalous scores, one streaming pass over the normal ones."""
+                  *, f1_eps: float = 0.0, impl: str = "auto") -> dict[str, float]:
+    """Exact AUROC/AP/F1-max/AUPRO: one sort of the anomalous scores, one streaming pass over the normal ones.
+
+    Scores of any floating dtype are compared in the wider of the two classes' dtypes."""
+    neg_chunks = list(neg_chunks)
+    dtype = pos.dtype
+    for chunk in neg_chunks:
+        dtype = torch.promote_types(dtype, chunk.dtype)
     weights = None if pos_sizes is None else 1.0 / pos_sizes.double()
-    values, counts, wsum = group_positives(pos, weights)
-    eq, gap = count_negatives(list(neg_chunks), values, impl=impl)
+    values, counts, wsum = group_positives(pos.to(dtype), weights)
+    eq, gap = count_negatives(neg_chunks, values, impl=impl)
     dtp, dfp, dpro = exact_increments(values, counts, wsum, eq, gap)
-    return curve_metrics(dtp, dfp, dpro, n_regions, fpr_limit)
+    return curve_metrics(dtp, dfp, dpro, n_regions, fpr_limit, f1_eps)

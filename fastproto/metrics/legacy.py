@@ -172,35 +172,19 @@ def _region_ids(masks: np.ndarray):
 
 
 def _exact_metrics(scores, labels, f1_mode: str):
-    """sklearn ``roc_auc_score`` / ``average_precision_score`` and the F1-max of the given code.
+    """sklearn ``roc_auc_score`` / ``average_precision_score`` and the F1-max of the given code, from the
+    package's exact curve engine: ``"eps"`` is Dinomaly/INP-Former's 2PR/(P+R+1e-7); ``"finite"`` is
+    ADer's max over the finite 2PR/(P+R) (the engine only visits thresholds where P, R > 0)."""
+    import torch
 
-    Exact tie handling without sorting every pixel together: sort the negatives, take the distinct
-    positive scores u_j (with counts), and count the negatives >= / == each u_j by binary search. AP and
-    F1 only change at thresholds whose tie group holds a positive (AP terms elsewhere are 0; at equal TP
-    the highest such threshold has the fewest FP, hence the largest F1), and AUROC is the Mann-Whitney
-    statistic with half credit for ties, i.e. sklearn's trapezoid over every distinct threshold.
-    """
-    scores = scores.ravel()
-    labels = labels.ravel()
+    from fastproto.metrics.curves import exact_metrics
+
+    scores, labels = scores.ravel(), labels.ravel()
     pos, neg = scores[labels], scores[~labels]
-    p, n = pos.size, neg.size
-    if p == 0 or n == 0:
+    if pos.size == 0 or neg.size == 0:
         return _NAN, _NAN, _NAN
-    neg = np.sort(neg)
-    u, count = np.unique(pos, return_counts=True)  # ascending distinct positive scores
-    below = np.searchsorted(neg, u, side="left")  # negatives < u_j
-    equal = np.searchsorted(neg, u, side="right") - below  # negatives == u_j
-    auroc = float(np.sum(count * (below + 0.5 * equal)) / (float(n) * float(p)))
-    tps = np.cumsum(count[::-1])  # positives >= u_j, descending thresholds
-    fps = (n - below)[::-1]  # negatives >= u_j
-    precision = tps / (tps + fps)
-    recall = tps / p
-    ap = float(max(0.0, np.sum(np.diff(np.r_[0.0, recall]) * precision)))
-    if f1_mode == "eps":  # Dinomaly / INP-Former: 2PR/(P+R+1e-7), curve without sklearn's last point
-        f1 = float((2 * precision * recall / (precision + recall + _F1_EPS)).max())
-    else:  # ADer image F1: max of the finite 2PR/(P+R) over sklearn's curve (NaN where P = R = 0)
-        f1 = float(((2 * precision * recall) / (precision + recall)).max())
-    return auroc, ap, f1
+    out = exact_metrics([torch.from_numpy(neg)], torch.from_numpy(pos), f1_eps=_F1_EPS if f1_mode == "eps" else 0.0)
+    return out["auroc"], out["ap"], out["f1max"]
 
 
 # ------------------------------------------------------------------------------- Dinomaly AUPRO
