@@ -25,6 +25,7 @@ import scipy.ndimage
 import torch
 
 from tests import _interpreter
+from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import anomaly_map, gaussian_blur, image_score
 
 ref = importlib.import_module("fastproto.reference.anomaly_map")
@@ -497,7 +498,7 @@ def _interpreter_main(seed: int) -> None:
     """Subprocess body: TRITON_INTERPRET=1 is already in the environment."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     tm = importlib.import_module("fastproto.triton.anomaly_map")
-    tm.POISON_OUTPUTS = True
+    _triton_pkg.POISON_OUTPUTS = True
     from triton.runtime.interpreter import InterpretedFunction
 
     results = {"_interpreted": all(
@@ -592,8 +593,8 @@ def test_gpu_triton_matches_reference_real_shapes(layout, dtype, seed):
             dec.append(d.to(dtype))
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
     tm = importlib.import_module("fastproto.triton.anomaly_map")
-    old = tm.POISON_OUTPUTS
-    tm.POISON_OUTPUTS = True
+    old = _triton_pkg.POISON_OUTPUTS
+    _triton_pkg.POISON_OUTPUTS = True
     try:
         for kw in (dict(out_size=392, eval_size=256), dict(out_size=256), dict(out_size=256, sigma=None)):
             got = anomaly_map(enc, dec, groups=groups, impl="triton", **kw)
@@ -609,7 +610,7 @@ def test_gpu_triton_matches_reference_real_shapes(layout, dtype, seed):
         err = (gaussian_blur(maps, impl="triton") - gaussian_blur(maps, impl="reference")).abs().max().item()
         assert err <= 1e-6, f"gaussian_blur max abs err {err:.3e} (seed={seed})"
     finally:
-        tm.POISON_OUTPUTS = old
+        _triton_pkg.POISON_OUTPUTS = old
 
 
 if __name__ == "__main__":

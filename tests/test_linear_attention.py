@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import _interpreter
+from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import LinearAttention, LinearCrossAttention, linear_attention
 from fastproto.ops.linear_attention import linear_attention_with_state
 
@@ -334,7 +335,7 @@ def _interpreter_main(seed: int) -> None:
     """Subprocess body: TRITON_INTERPRET=1 is already in the environment."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     tm = importlib.import_module("fastproto.triton.linear_attention")
-    tm.POISON_OUTPUTS = True
+    _triton_pkg.POISON_OUTPUTS = True
     from triton.runtime.interpreter import InterpretedFunction
 
     kernels = (tm._la_state_kernel, tm._la_out_kernel, tm._la_bwd_q_kernel, tm._la_bwd_kv_kernel)
@@ -434,15 +435,15 @@ def test_gpu_triton_matches_reference_real_shapes(dtype, tol, phi, rng):
     qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
     g = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype)
     tm = importlib.import_module("fastproto.triton.linear_attention")
-    old = tm.POISON_OUTPUTS
-    tm.POISON_OUTPUTS = True
+    old = _triton_pkg.POISON_OUTPUTS
+    _triton_pkg.POISON_OUTPUTS = True
     try:
         o_t, s_t, g_t = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, "triton")
         o_r, s_r, g_r = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, "reference")
         o_a = linear_attention(qkv[0], qkv[1], qkv[2], phi=phi)
         torch.cuda.synchronize()
     finally:
-        tm.POISON_OUTPUTS = old
+        _triton_pkg.POISON_OUTPUTS = old
     assert torch.equal(o_a, o_t), f"impl='auto' did not take the Triton path (seed={seed})"
     assert torch.isfinite(o_t).all() and all(torch.isfinite(a).all() for a in g_t), f"seed={seed}"
     for key, a, b in (("out", o_t, o_r), ("state", s_t, s_r), ("dq", g_t[0], g_r[0]),

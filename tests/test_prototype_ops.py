@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tests import _interpreter
+from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops.prototype import PrototypeAttention, prototype_attention, route
 
 _ref = importlib.import_module("fastproto.reference.prototype")
@@ -368,7 +369,7 @@ ROUTE_CASES = [  # (B, N, M, C, bank, dtype, strided)
 def _interpreter_main(seed: int) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     tm = importlib.import_module("fastproto.triton.prototype")
-    tm.POISON_OUTPUTS = True
+    _triton_pkg.POISON_OUTPUTS = True
     from triton.runtime.interpreter import InterpretedFunction
 
     res = {"_interpreted": all(isinstance(k, InterpretedFunction)

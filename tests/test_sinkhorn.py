@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests import _interpreter
+from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import ot_alignment_loss, sinkhorn
 
 ref = importlib.import_module("fastproto.reference.sinkhorn")
@@ -325,7 +326,7 @@ def _interpreter_main(seed: int) -> None:
     """Subprocess body: TRITON_INTERPRET=1 is already in the environment."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     tm = importlib.import_module("fastproto.triton.sinkhorn")
-    tm.POISON_OUTPUTS = True
+    _triton_pkg.POISON_OUTPUTS = True
     from triton.runtime.interpreter import InterpretedFunction
 
     results = {"_interpreted": isinstance(tm._sinkhorn_kernel, InterpretedFunction)}
@@ -444,8 +445,8 @@ def test_gpu_triton_matches_reference_real_shapes(K, dtype, tol, rng):
     p = torch.nn.functional.normalize(torch.randn(K, 32, device="cuda", generator=gen), dim=-1)
     cost = ref.squared_distance_cost(x, p).to(dtype)
     tm = importlib.import_module("fastproto.triton.sinkhorn")
-    old = tm.POISON_OUTPUTS
-    tm.POISON_OUTPUTS = True
+    old = _triton_pkg.POISON_OUTPUTS
+    _triton_pkg.POISON_OUTPUTS = True
     try:
         c_t = cost.clone().requires_grad_(True)
         plan_t, loss_t = sinkhorn(c_t, eps=0.05, n_iters=200, impl="triton")
@@ -454,7 +455,7 @@ def test_gpu_triton_matches_reference_real_shapes(K, dtype, tol, rng):
         plan_a, _ = sinkhorn(cost, eps=0.05, n_iters=200)
         torch.cuda.synchronize()
     finally:
-        tm.POISON_OUTPUTS = old
+        _triton_pkg.POISON_OUTPUTS = old
     assert torch.equal(plan_a, plan_t), f"impl='auto' did not take the Triton path (seed={seed})"
     assert torch.isfinite(plan_t).all() and torch.isfinite(loss_t).all(), f"seed={seed}"
     assert torch.equal(c_t.grad, plan_t), f"seed={seed}"

@@ -7,14 +7,15 @@
 * :func:`route` — nearest / soft / linear routing of tokens to prototypes.
 
 The maths lives in :mod:`fastproto.reference.prototype`. Triton (:mod:`fastproto.triton.prototype`)
-covers the forward of ``prototype_attention`` (M <= 64, D, Dv <= 256) and of ``route(mode="nearest")``
-with shared or per-sample banks; their backward is an explicit analytic backward written in PyTorch
-(inside the autograd.Functions below). ``soft``/``linear`` routing and per-location banks use the
-reference.
+covers ``prototype_attention`` forward and backward (M <= 64, D, Dv <= 256) and the forward of
+``route(mode="nearest")`` with shared or per-sample banks (its backward, through the selected prototype
+only, is written in PyTorch below: O(B N C), no [B, N, M] matrix). ``soft``/``linear`` routing and
+per-location banks use the reference.
 """
 from __future__ import annotations
 
 import importlib
+import math
 import numbers
 from typing import Optional, Union
 
@@ -55,14 +56,13 @@ def _normalize_bwd(y, n, dy, eps):
 
 
 class _ProtoAttnFn(torch.autograd.Function):
-    """Triton forward; analytic backward in PyTorch (float32/float64)."""
+    """Triton forward and backward (the backward kernel recomputes the attention per query tile)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale_t, kind, scale_h):
         out = _triton_module().prototype_attention(q, k, v, scale_h, kind)
         ctx.save_for_backward(q, k, v, scale_h)
         ctx.kind = kind
-        ctx.scale_is_tensor = scale_t is not None
         ctx.scale_shape = None if scale_t is None else scale_t.shape
         ctx.scale_dtype = None if scale_t is None else scale_t.dtype
         return out
@@ -70,48 +70,20 @@ class _ProtoAttnFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, s = ctx.saved_tensors
-        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qf, kf, vf, do = q.to(cd), k.to(cd), v.to(cd), dout.to(cd)
-        shared = kf.dim() == 3
-        if shared:
-            kf, vf = kf.unsqueeze(0), vf.unsqueeze(0)
-        sh = s.to(cd).reshape(-1, 1, 1)
-        ds = None
-        if ctx.kind == "relu_cos":
-            eps = _ref.ATTN_NORM_EPS
-            qn, qnorm = _normalize_fwd(qf, eps)
-            kn, knorm = _normalize_fwd(kf, eps)
-            S = qn @ kn.transpose(-2, -1)
-            Z = S * sh
-            A = torch.relu(Z)
-            dA = do @ vf.transpose(-2, -1)
-            dZ = torch.where(Z > 0, dA, torch.zeros_like(dA))
-            if ctx.scale_is_tensor:
-                ds = (dZ * S).sum(dim=(0, 2, 3))
-            dS = dZ * sh
-            dq = _normalize_bwd(qn, qnorm, dS @ kn, eps)
-            dkn = dS.transpose(-2, -1) @ qn
-            if shared:
-                dkn = dkn.sum(0, keepdim=True)
-            dk = _normalize_bwd(kn, knorm, dkn, eps)
-        else:
-            A = torch.softmax((qf @ kf.transpose(-2, -1)) * sh, dim=-1)
-            dA = do @ vf.transpose(-2, -1)
-            dZ = A * (dA - (dA * A).sum(-1, keepdim=True))
-            dq = (dZ * sh) @ kf
-            dk = (dZ * sh).transpose(-2, -1) @ qf
-            if shared:
-                dk = dk.sum(0, keepdim=True)
-        dv = A.transpose(-2, -1) @ do
-        if shared:
-            dv, dk = dv.sum(0), dk[0]
+        dq, dk, dv, ds = _triton_module().prototype_attention_backward(q, k, v, s, dout, ctx.kind)
+        if ctx.kind == "relu_cos":  # dk holds d(k / max(||k||, eps)): finish on the small [M, D] side
+            kn, knorm = _normalize_fwd(k.float(), _ref.ATTN_NORM_EPS)
+            kn_b = kn if k.dim() == 4 else kn.unsqueeze(0)
+            knorm_b = knorm if k.dim() == 4 else knorm.unsqueeze(0)
+            dk = _normalize_bwd(kn_b, knorm_b, dk, _ref.ATTN_NORM_EPS)
+        if k.dim() == 3:
+            dk, dv = dk.sum(0), dv.sum(0)
         dscale = None
-        if ds is not None and ctx.needs_input_grad[3]:
-            n = 1
-            for d in ctx.scale_shape:
-                n *= d
-            dscale = (ds.sum() if n == 1 else ds).reshape(ctx.scale_shape).to(ctx.scale_dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale, None, None
+        if ctx.scale_shape is not None and ctx.needs_input_grad[3]:
+            per_head = ds.sum(0)
+            one = math.prod(ctx.scale_shape) == 1
+            dscale = (per_head.sum() if one else per_head).reshape(ctx.scale_shape).to(ctx.scale_dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dscale, None, None
 
 
 class _RouteNearestFn(torch.autograd.Function):

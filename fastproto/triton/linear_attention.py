@@ -5,8 +5,9 @@ Math (see :mod:`fastproto.reference.linear_attention`), per (batch, head)::
     S = sum_j phi(k_j)^T v_j   [D, Dv],   z = sum_j phi(k_j)   [D]
     out_i = phi(q_i) S / (phi(q_i) . z + eps)
 
-Forward, two kernels, all arithmetic in float32 (``tl.dot`` with ``input_precision="ieee"``, so
-float32 inputs are not rounded to TF32):
+Forward, two kernels; element-wise arithmetic and accumulation in float32, matrix products through
+:func:`fastproto.triton._dot.mm` (16-bit operands on tensor cores for 16-bit inputs, ``tf32x3`` for
+float32 inputs):
 
 ``_la_state_kernel``   grid (B*H,): streams the keys/values in BLOCK_N tiles and accumulates S and z
                        in fp32 registers; writes them to a small fp32 workspace (kept for backward).
@@ -36,6 +37,7 @@ import triton
 import triton.language as tl
 
 from fastproto.triton import empty_output
+from fastproto.triton._dot import dot_config, mm
 
 MAX_HEAD_DIM = 128
 PHI_CODES = {"elu": 0, "relu": 1}
@@ -69,6 +71,7 @@ def _la_state_kernel(
     k_sb, k_sh, k_sn, k_sd,
     v_sb, v_sh, v_sn, v_se,
     PHI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
@@ -91,7 +94,7 @@ def _la_state_kernel(
         fk = tl.where(mk, _phi(kt, PHI), 0.0)
         vt = tl.load(v_base + offs_n[:, None] * v_sn + offs_e[None, :] * v_se,
                      mask=mn[:, None] & me[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(fk), vt, input_precision="ieee")
+        acc += mm(tl.trans(fk), vt, DOT_DT, PREC)
         zacc += tl.sum(fk, axis=0)
         n0 += BLOCK_N
     s_base = s_ptr + pid * D * DV
@@ -114,6 +117,7 @@ def _la_out_kernel(
     q_sb, q_sh, q_sn, q_sd,
     o_sb, o_sh, o_sn, o_se,
     PHI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid = tl.program_id(1).to(tl.int64)
@@ -130,7 +134,7 @@ def _la_out_kernel(
     qt = tl.load(q_ptr + b * q_sb + h * q_sh + offs_n[:, None] * q_sn + offs_d[None, :] * q_sd,
                  mask=mq, other=0.0).to(tl.float32)
     fq = tl.where(mq, _phi(qt, PHI), 0.0)
-    num = tl.dot(fq, s, input_precision="ieee")
+    num = mm(fq, s, DOT_DT, PREC)
     den = tl.sum(fq * z[None, :], axis=1) + eps
     den = tl.where(mn, den, 1.0)
     out = num / den[:, None]
@@ -146,6 +150,7 @@ def _la_bwd_q_kernel(
     g_sb, g_sh, g_sn, g_se,
     dq_sb, dq_sh, dq_sn, dq_sd,
     PHI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
@@ -169,17 +174,17 @@ def _la_bwd_q_kernel(
         qt = tl.load(q_base + offs_n[:, None] * q_sn + offs_d[None, :] * q_sd, mask=mq, other=0.0).to(tl.float32)
         gt = tl.load(g_base + offs_n[:, None] * g_sn + offs_e[None, :] * g_se, mask=mg, other=0.0).to(tl.float32)
         fq = tl.where(mq, _phi(qt, PHI), 0.0)
-        num = tl.dot(fq, s, input_precision="ieee")
+        num = mm(fq, s, DOT_DT, PREC)
         den = tl.sum(fq * z[None, :], axis=1) + eps
         den = tl.where(mn, den, 1.0)
         out = num / den[:, None]
         dnum = gt / den[:, None]
         dden = -tl.sum(gt * out, axis=1) / den
-        dfq = tl.dot(dnum, tl.trans(s), input_precision="ieee") + dden[:, None] * z[None, :]
+        dfq = mm(dnum, tl.trans(s), DOT_DT, PREC) + dden[:, None] * z[None, :]
         dq = dfq * _dphi(qt, PHI)
         tl.store(dq_base + offs_n[:, None] * dq_sn + offs_d[None, :] * dq_sd,
                  dq.to(dq_ptr.dtype.element_ty), mask=mq)
-        ds += tl.dot(tl.trans(fq), dnum, input_precision="ieee")
+        ds += mm(tl.trans(fq), dnum, DOT_DT, PREC)
         dz += tl.sum(fq * dden[:, None], axis=0)
         n0 += BLOCK_N
     tl.store(ds_ptr + pid * D * DV + offs_d[:, None] * DV + offs_e[None, :], ds, mask=md[:, None] & me[None, :])
@@ -195,6 +200,7 @@ def _la_bwd_kv_kernel(
     dk_sb, dk_sh, dk_sn, dk_sd,
     dv_sb, dv_sh, dv_sn, dv_se,
     PHI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid = tl.program_id(1).to(tl.int64)
@@ -214,9 +220,9 @@ def _la_bwd_kv_kernel(
     vt = tl.load(v_ptr + b * v_sb + h * v_sh + offs_n[:, None] * v_sn + offs_e[None, :] * v_se,
                  mask=mv, other=0.0).to(tl.float32)
     fk = tl.where(mk, _phi(kt, PHI), 0.0)
-    dfk = tl.dot(vt, tl.trans(ds), input_precision="ieee") + dz[None, :]
+    dfk = mm(vt, tl.trans(ds), DOT_DT, PREC) + dz[None, :]
     dk = dfk * _dphi(kt, PHI)
-    dv = tl.dot(fk, ds, input_precision="ieee")
+    dv = mm(fk, ds, DOT_DT, PREC)
     tl.store(dk_ptr + b * dk_sb + h * dk_sh + offs_n[:, None] * dk_sn + offs_d[None, :] * dk_sd,
              dk.to(dk_ptr.dtype.element_ty), mask=mk)
     tl.store(dv_ptr + b * dv_sb + h * dv_sh + offs_n[:, None] * dv_sn + offs_e[None, :] * dv_se,
@@ -249,14 +255,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str, eps: fl
         return out, state, ksum
     bd, bdv, block_n, nw = _blocks(D, Dv, dev)
     code = PHI_CODES[phi]
+    dots = dict(zip(("DOT_DT", "PREC"), dot_config(q.dtype)))
     _la_state_kernel[(B * H,)](
         k, v, state, ksum, H, Nk, D, Dv, *k.stride(), *v.stride(),
-        PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw,
+        PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw, **dots,
     )
     if Nq > 0:
         _la_out_kernel[(triton.cdiv(Nq, block_n), B * H)](
             q, state, ksum, out, H, Nq, D, Dv, float(eps), *q.stride(), *out.stride(),
-            PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw,
+            PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw, **dots,
         )
     return out, state, ksum
 
@@ -275,15 +282,16 @@ def backward(q, k, v, state, ksum, grad_out, phi: str, eps: float):
         return dq, dk, dv
     bd, bdv, block_n, nw = _blocks(D, Dv, dev)
     code = PHI_CODES[phi]
+    dots = dict(zip(("DOT_DT", "PREC"), dot_config(q.dtype)))
     _la_bwd_q_kernel[(B * H,)](
         q, grad_out, state, ksum, dq, ds, dz, H, Nq, D, Dv, float(eps),
         *q.stride(), *grad_out.stride(), *dq.stride(),
-        PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw,
+        PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw, **dots,
     )
     if Nk > 0:
         _la_bwd_kv_kernel[(triton.cdiv(Nk, block_n), B * H)](
             k, v, ds, dz, dk, dv, H, Nk, D, Dv,
             *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
-            PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw,
+            PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw, **dots,
         )
     return dq, dk, dv

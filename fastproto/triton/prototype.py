@@ -1,15 +1,19 @@
-"""Triton forward kernels for prototype attention and nearest-prototype routing (DESIGN "Ops" 2, 3).
+"""Triton kernels for prototype attention (forward and backward) and nearest-prototype routing
+(DESIGN "Ops" 2, 3). Matrix products go through :func:`fastproto.triton._dot.mm` (16-bit operands
+on tensor cores for 16-bit inputs, ``tf32x3`` for float32); everything else is float32.
 
 ``_proto_attn_fwd_kernel``
     One program per (batch * head, query tile of ``BLOCK_N``). The head's prototype keys and values
     ([M, D] and [M, Dv], M padded to a power of two >= 16 with masks) are loaded once and stay in
     registers; the query tile is read through its strides, the logits ``[BLOCK_N, M]`` and the
-    output tile are computed in float32 (``tl.dot`` with IEEE fp32 precision) and the output is
-    written in the input dtype. ``KIND_RELU_COS``: ``ReLU(s_h q̂ k̂ᵀ) v`` with ``x̂ = x /
+    output tile are computed on chip and the output is written in the input dtype.
+``_proto_attn_bwd_kernel``
+    Same grid; recomputes the tile's attention, writes dq, and atomically accumulates the tile's
+    share of dk, dv (and d(scale)) into small float32 [B, H, M, ·] buffers. ``KIND_RELU_COS``: ``ReLU(s_h q̂ k̂ᵀ) v`` with ``x̂ = x /
     max(||x||, 1e-12)``; ``KIND_SOFTMAX``: ``softmax(s_h q kᵀ) v``.
 ``_route_nearest_kernel``
     One program per (batch, token tile). Streams the prototypes in blocks of ``BLOCK_M`` (and the
-    channels in chunks of ``BLOCK_C``), keeping a running min of ``1 - cos`` and its argmin, so the
+    channels in chunks of ``BLOCK_C``; prototype inverse norms precomputed once on the host), keeping a running min of ``1 - cos`` and its argmin, so the
     [B, N, M] distance matrix is never materialised. Ties go to the lowest index, NaN wins (as in
     :func:`fastproto.reference.prototype.first_argmin`).
 
@@ -23,11 +27,16 @@ import triton
 import triton.language as tl
 
 from fastproto.triton import empty_output
+from fastproto.triton._dot import dot_config, mm
 
 KIND_RELU_COS = 0
 KIND_SOFTMAX = 1
 MAX_M = 64
 MAX_D = 256
+
+def _dots(dtype):
+    return dict(zip(("DOT_DT", "PREC"), dot_config(dtype)))
+
 
 def _p2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
@@ -43,7 +52,7 @@ def _proto_attn_fwd_kernel(
     sob, soh, son, sod,
     eps,
     KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -70,19 +79,20 @@ def _proto_attn_fwd_kernel(
         kn = tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)
         q = q / qn[:, None]
         k = k / kn[:, None]
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+        # float32 operands: the ReLU kink must fall where the float32 reference puts it
+        logits = mm(q, tl.trans(k), tl.float32, PREC)
         z = logits * s
         attn = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN (tl.maximum may drop it on GPU)
         # masked prototypes have k = 0 -> logit 0 -> relu 0, and v = 0 there anyway
         attn = tl.where(mask_m[None, :], attn, 0.0)
     else:
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * s
+        logits = mm(q, tl.trans(k), DOT_DT, PREC) * s
         logits = tl.where(mask_m[None, :], logits, float("-inf"))
         mx = tl.max(logits, axis=1)
         e = tl.exp(logits - mx[:, None])
         e = tl.where(mask_m[None, :], e, 0.0)
         attn = e / tl.sum(e, axis=1)[:, None]
-    out = tl.dot(attn, v, input_precision="ieee")
+    out = mm(attn, v, DOT_DT, PREC)
     tl.store(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
              out.to(o_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
 
@@ -103,20 +113,126 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         *q.stride(), skb, *k.stride()[-3:], svb, *v.stride()[-3:], *out.stride(),
         1e-12,
         KIND=KIND_RELU_COS if kind == "relu_cos" else KIND_SOFTMAX,
-        BLOCK_N=BLOCK_N, BLOCK_M=_p2(M), BLOCK_D=_p2(D), BLOCK_DV=_p2(DV),
+        BLOCK_N=BLOCK_N, BLOCK_M=_p2(M), BLOCK_D=_p2(D), BLOCK_DV=_p2(DV), **_dots(q.dtype),
     )
     return out
 
 
 @triton.jit
+def _proto_attn_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, ds_ptr,
+    H, N, M, D, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skm, skd,
+    svb, svh, svm, svd,
+    sgb, sgh, sgn, sgd,
+    sdqb, sdqh, sdqn, sdqd,
+    eps,
+    KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """One (batch * head, query tile): writes dq for the tile and atomically adds the tile's share of
+    the prototype gradients to float32 buffers: dk_ptr gets d(k̂) for relu_cos (the k normalisation's
+    backward is applied on the host, [M, D] per head) and dk for softmax; dv_ptr gets dv; ds_ptr the
+    per-(batch, head) share of d(scale)."""
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    mask_dv = offs_dv < DV
+    m_md = mask_m[:, None] & mask_d[None, :]
+    m_mv = mask_m[:, None] & mask_dv[None, :]
+
+    k = tl.load(k_ptr + b * skb + h * skh + offs_m[:, None] * skm + offs_d[None, :] * skd,
+                mask=m_md, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * svb + h * svh + offs_m[:, None] * svm + offs_dv[None, :] * svd,
+                mask=m_mv, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_dv[None, :] * sgd,
+                mask=mask_n[:, None] & mask_dv[None, :], other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + h).to(tl.float32)
+    dattn = mm(g, tl.trans(v), DOT_DT, PREC)  # [BLOCK_N, BLOCK_M]
+    if KIND == 0:
+        qnorm = tl.sqrt(tl.sum(q * q, axis=1))
+        qn = q / tl.maximum(qnorm, eps)[:, None]
+        kn = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)[:, None]
+        cos = mm(qn, tl.trans(kn), tl.float32, PREC)  # float32: as in the forward
+        z = cos * s
+        attn = tl.where(z < 0.0, 0.0, z)
+        attn = tl.where(mask_m[None, :], attn, 0.0)
+        dz = tl.where((z > 0.0) & mask_m[None, :], dattn, 0.0)
+        tl.atomic_add(ds_ptr + pid_bh, tl.sum(tl.sum(dz * cos, axis=1), axis=0))
+        dlog = dz * s
+        dqn = mm(dlog, kn, DOT_DT, PREC)
+        # backward of x / max(||x||, eps)
+        proj = dqn - qn * tl.sum(qn * dqn, axis=1)[:, None]
+        dq = tl.where((qnorm > eps)[:, None], proj / tl.maximum(qnorm, eps)[:, None], dqn / eps)
+        dk_part = mm(tl.trans(dlog), qn, DOT_DT, PREC)
+    else:
+        raw = mm(q, tl.trans(k), DOT_DT, PREC)
+        logits = tl.where(mask_m[None, :], raw * s, float("-inf"))
+        mx = tl.max(logits, axis=1)
+        e = tl.exp(logits - mx[:, None])
+        e = tl.where(mask_m[None, :], e, 0.0)
+        attn = e / tl.sum(e, axis=1)[:, None]
+        dz = attn * (dattn - tl.sum(dattn * attn, axis=1)[:, None])
+        tl.atomic_add(ds_ptr + pid_bh, tl.sum(tl.sum(tl.where(mask_m[None, :], dz * raw, 0.0), axis=1), axis=0))
+        dlog = dz * s
+        dq = mm(dlog, k, DOT_DT, PREC)
+        dk_part = mm(tl.trans(dlog), q, DOT_DT, PREC)
+    tl.store(dq_ptr + b * sdqb + h * sdqh + offs_n[:, None] * sdqn + offs_d[None, :] * sdqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+    dv_part = mm(tl.trans(attn), g, DOT_DT, PREC)
+    base_kd = pid_bh.to(tl.int64) * M * D
+    base_kv = pid_bh.to(tl.int64) * M * DV
+    tl.atomic_add(dk_ptr + base_kd + offs_m[:, None] * D + offs_d[None, :], dk_part, mask=m_md)
+    tl.atomic_add(dv_ptr + base_kv + offs_m[:, None] * DV + offs_dv[None, :], dv_part, mask=m_mv)
+
+
+def prototype_attention_backward(q, k, v, scale, grad_out, kind: str):
+    """Gradients of :func:`prototype_attention`: ``(dq, dk_acc, dv, dscale)`` where ``dq`` is in q's
+    dtype, ``dk_acc`` [B, H, M, D] float32 holds d(k̂) (relu_cos; the caller applies the backward of
+    the k normalisation) or dk (softmax), ``dv`` [B, H, M, Dv] float32 and ``dscale`` [B, H] float32
+    . Per-batch accumulators also for shared k/v (the caller sums)."""
+    B, H, N, D = q.shape
+    M, DV = k.shape[-2], v.shape[-1]
+    dev = q.device
+    dq = empty_output((B, H, N, D), q.dtype, dev)
+    dk = torch.zeros((B, H, M, D), dtype=torch.float32, device=dev)
+    dv = torch.zeros((B, H, M, DV), dtype=torch.float32, device=dev)
+    ds = torch.zeros((B, H), dtype=torch.float32, device=dev)
+    if dq.numel() == 0:
+        return dq, dk, dv, ds
+    skb, svb = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
+    BLOCK_N = 32 if max(_p2(D), _p2(DV)) > 64 else 64
+    grid = (B * H, triton.cdiv(N, BLOCK_N))
+    _proto_attn_bwd_kernel[grid](
+        q, k, v, scale, grad_out, dq, dk, dv, ds, H, N, M, D, DV,
+        *q.stride(), skb, *k.stride()[-3:], svb, *v.stride()[-3:], *grad_out.stride(), *dq.stride(),
+        1e-12,
+        KIND=KIND_RELU_COS if kind == "relu_cos" else KIND_SOFTMAX,
+        BLOCK_N=BLOCK_N, BLOCK_M=_p2(M), BLOCK_D=_p2(D), BLOCK_DV=_p2(DV), **_dots(q.dtype),
+    )
+    return dq, dk, dv, ds
+
+
+@triton.jit
 def _route_nearest_kernel(
-    x_ptr, p_ptr, d_ptr, i_ptr,
+    x_ptr, p_ptr, ip_ptr, d_ptr, i_ptr,
     N, M, C,
     sxb, sxn, sxc,
-    spb, spm, spc,
+    spb, spm, spc, sipb,
     sdb, sdn, sib, sin,
     eps,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -141,16 +257,13 @@ def _route_nearest_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        pp = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cm = (c0 + offs_c) < C
-            xt = tl.load(x_base + (c0 + offs_c)[None, :] * sxc, mask=mask_n[:, None] & cm[None, :],
-                         other=0.0).to(tl.float32)
+            xt = tl.load(x_base + (c0 + offs_c)[None, :] * sxc, mask=mask_n[:, None] & cm[None, :], other=0.0)
             pt = tl.load(p_base + offs_m[:, None] * spm + (c0 + offs_c)[None, :] * spc,
-                         mask=mask_m[:, None] & cm[None, :], other=0.0).to(tl.float32)
-            pp += tl.sum(pt * pt, axis=1)
-            dot += tl.dot(xt, tl.trans(pt), input_precision="ieee")
-        inv_p = 1.0 / tl.maximum(tl.sqrt(pp), eps)
+                         mask=mask_m[:, None] & cm[None, :], other=0.0)
+            dot += mm(xt, tl.trans(pt), DOT_DT, PREC)
+        inv_p = tl.load(ip_ptr + b * sipb + offs_m, mask=mask_m, other=1.0)
         d = 1.0 - dot * inv_x[:, None] * inv_p[None, :]
         isn = d != d
         # NaN wins: map NaN to -inf for the block minimum, remember which rows hold one
@@ -179,11 +292,14 @@ def route_nearest(x: torch.Tensor, p: torch.Tensor):
     if dist.numel() == 0:
         return dist, idx
     spb = p.stride(0) if p.dim() == 3 else 0
-    BLOCK_N, BLOCK_M = 32, min(64, _p2(M))
+    # prototype inverse norms once (float32, [M] or [B, M]) instead of once per token tile
+    inv_p = 1.0 / torch.linalg.vector_norm(p.float(), dim=-1).clamp_min(1e-8)
+    sipb = inv_p.stride(0) if p.dim() == 3 else 0
+    BLOCK_N, BLOCK_M = 64, min(64, _p2(M))
     BLOCK_C = min(64, _p2(C))
     grid = (B, triton.cdiv(N, BLOCK_N))
     _route_nearest_kernel[grid](
-        x, p, dist, idx, N, M, C, *x.stride(), spb, *p.stride()[-2:], *dist.stride(), *idx.stride(),
-        1e-8, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+        x, p, inv_p, dist, idx, N, M, C, *x.stride(), spb, *p.stride()[-2:], sipb, *dist.stride(), *idx.stride(),
+        1e-8, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, **_dots(x.dtype),
     )
     return dist, idx

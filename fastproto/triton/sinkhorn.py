@@ -4,17 +4,21 @@ Math and iteration schedule: :mod:`fastproto.reference.sinkhorn` (this kernel ru
 per problem, so the two agree on the number of iterations up to rounding at the ``tol`` boundary).
 
 One launch, grid ``(B,)``: one program per problem runs **all** iterations, with the early exit
-(``row-marginal error < tol``) decided on the device inside the kernel. Per iteration:
+(``row-marginal error < tol``) decided on the device inside the kernel. Each iteration is **one
+sweep** over the cost's row blocks [BLOCK_N, BLOCK_K] (K <= ``MAX_K``, BLOCK_K = next power of two):
 
-* row pass (f-update): loops over row blocks [BLOCK_N, BLOCK_K] of the cost; the row LSE over K is
-  a register reduction (K <= ``MAX_K`` padded to BLOCK_K with masks); writes the new f to a small
-  float32 workspace (two ping-pong buffers per problem, so a converged problem keeps its previous f)
-  and returns the row-marginal error of the current plan, ``a_i |exp((f_i - f_i^new)/eps) - 1|``;
-* column pass (g-update): loops over row blocks with an online (running max / rescaled sum) LSE over
-  N per column, g held in registers.
+* f-update: the row LSE over K is a register reduction; the new f goes to a small float32 workspace
+  (two ping-pong buffers per problem, so a converged problem keeps its previous f), and the row-marginal
+  error of the current plan, ``a_i |exp((f_i - f_i^new)/eps) - 1|``, is reduced on the way;
+* with the new f still in registers, the same block feeds the online (running max / rescaled sum)
+  column LSE over N of ``(f^new - C)/eps``, giving the g that follows f^new (g, like f, lives in a
+  ping-pong workspace of 2 K floats per problem). If the error test stops
+  the loop, that g and f^new are dropped and the plan is built from the accepted (f, g), so the
+  schedule is exactly the reference's (f-update, error test, g-update) with the cost read once per
+  iteration instead of twice.
 
 Then a final pass writes ``T = exp((f + g - C)/eps)`` in the cost dtype and the loss
-``sum T C + eps T log T`` (float32). ``tl.debug_barrier()`` separates the passes (the f workspace is
+``sum T C + eps T log T`` (float32). ``tl.debug_barrier()`` separates the sweeps (the f workspace is
 written and read by different threads of the program). N is arbitrary (looped in BLOCK_N blocks; the
 workspace is 2 N floats per problem); the cost is read through its strides every pass (for
 B=64, N=1024, K=64 fp32 the whole batch is 16 MiB, L2-resident on an H100).
@@ -32,37 +36,17 @@ from fastproto.triton import empty_output
 MAX_K = 64
 
 @triton.jit
-def _row_pass(c_base, c_sn, c_sk, la_base, f_base, fin_off, fout_off, g, offs_k, mk, N, eps,
-              BLOCK_N: tl.constexpr):
-    """f-update from g; writes f_new to f_base + fout_off; returns the row-marginal error of the plan
-    (f_base + fin_off, g)."""
+def _sweep(c_base, c_sn, c_sk, la_base, lb, f_base, g_base, cin, N, K, eps, offs_k, mk,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One pass over the cost for one Sinkhorn iteration, from the (f, g) in ping-pong buffer ``cin``:
+    per row block, the f-update from g (into buffer 1 - cin) and the row-marginal error of the plan
+    (f, g), then, with the new f still in registers, the block's share of the online column LSE that
+    gives the next g (into buffer 1 - cin). Returns the error. Only scalars cross the call: tensors
+    carried through the caller's loop trip a Triton layout pass (3.6)."""
+    fin = f_base + cin * N
+    fout = f_base + (1 - cin) * N
+    g = tl.load(g_base + cin * K + offs_k, mask=mk, other=0.0)
     errv = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    n0 = 0
-    while n0 < N:
-        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mn = offs_n < N
-        m2 = mn[:, None] & mk[None, :]
-        c = tl.load(c_base + offs_n[:, None] * c_sn + offs_k[None, :] * c_sk, mask=m2, other=0.0).to(tl.float32)
-        x = (g[None, :] - c) / eps
-        x = tl.where(mk[None, :], x, float("-inf"))
-        mx = tl.max(x, axis=1)
-        lse = mx + tl.log(tl.sum(tl.exp(x - mx[:, None]), axis=1))
-        la = tl.load(la_base + offs_n, mask=mn, other=0.0)
-        fn = eps * la - eps * lse
-        fo = tl.load(f_base + fin_off + offs_n, mask=mn, other=0.0)
-        e = tl.exp(la) * tl.abs(tl.exp((fo - fn) / eps) - 1.0)
-        # NaN counts as "not converged"
-        e = tl.where(e < float("inf"), e, float("inf"))
-        errv = tl.maximum(errv, tl.where(mn, e, 0.0))
-        tl.store(f_base + fout_off + offs_n, fn, mask=mn)
-        n0 += BLOCK_N
-    return tl.max(errv, axis=0)
-
-
-@triton.jit
-def _col_pass(c_base, c_sn, c_sk, lb, f_base, f_off, offs_k, mk, N, eps,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """g-update from f (f_base + f_off): online LSE over the rows, per column."""
     m = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_K,), dtype=tl.float32)
     n0 = 0
@@ -71,20 +55,30 @@ def _col_pass(c_base, c_sn, c_sk, lb, f_base, f_off, offs_k, mk, N, eps,
         mn = offs_n < N
         m2 = mn[:, None] & mk[None, :]
         c = tl.load(c_base + offs_n[:, None] * c_sn + offs_k[None, :] * c_sk, mask=m2, other=0.0).to(tl.float32)
-        f = tl.load(f_base + f_off + offs_n, mask=mn, other=0.0)
-        y = (f[:, None] - c) / eps
-        y = tl.where(mn[:, None], y, float("-inf"))
+        # row LSE over K -> f_new
+        x = tl.where(mk[None, :], (g[None, :] - c) / eps, float("-inf"))
+        mx = tl.max(x, axis=1)
+        lse = mx + tl.log(tl.sum(tl.exp(x - mx[:, None]), axis=1))
+        la = tl.load(la_base + offs_n, mask=mn, other=0.0)
+        fn = eps * la - eps * lse
+        fo = tl.load(fin + offs_n, mask=mn, other=0.0)
+        e = tl.exp(la) * tl.abs(tl.exp((fo - fn) / eps) - 1.0)
+        e = tl.where(e < float("inf"), e, float("inf"))  # NaN counts as "not converged"
+        errv = tl.maximum(errv, tl.where(mn, e, 0.0))
+        tl.store(fout + offs_n, fn, mask=mn)
+        # column online LSE over N of (f_new - c) / eps
+        y = tl.where(mn[:, None], (fn[:, None] - c) / eps, float("-inf"))
         m_new = tl.maximum(m, tl.max(y, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), axis=0)
         m = m_new
         n0 += BLOCK_N
-    g = eps * lb - eps * (m + tl.log(s))
-    return tl.where(mk, g, 0.0)
+    tl.store(g_base + (1 - cin) * K + offs_k, eps * lb - eps * (m + tl.log(s)), mask=mk)
+    return tl.max(errv, axis=0)
 
 
 @triton.jit
 def _sinkhorn_kernel(
-    c_ptr, la_ptr, lb_ptr, f_ptr, plan_ptr, loss_ptr, iters_ptr,
+    c_ptr, la_ptr, lb_ptr, f_ptr, g_ptr, plan_ptr, loss_ptr, iters_ptr,
     N, K, eps, tol, n_iters,
     c_sb, c_sn, c_sk, p_sb, p_sn, p_sk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -93,26 +87,27 @@ def _sinkhorn_kernel(
     c_base = c_ptr + pid * c_sb
     la_base = la_ptr + pid * N
     f_base = f_ptr + pid * 2 * N
+    g_base = g_ptr + pid * 2 * K  # buffer 1 starts as zeros: g0 = 0
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
     lb = tl.load(lb_ptr + pid * K + offs_k, mask=mk, other=0.0)
-    g = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    # iteration 1 (its error output compares with the uninitialised buffer 1 and is discarded)
-    _row_pass(c_base, c_sn, c_sk, la_base, f_base, N, 0, g, offs_k, mk, N, eps, BLOCK_N)
+    # iteration 1: f1 from g0 into buffer 0 (its error against the uninitialised f buffer 1 is
+    # discarded), g1 from f1 into buffer 0
+    _sweep(c_base, c_sn, c_sk, la_base, lb, f_base, g_base, 1, N, K, eps, offs_k, mk, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
-    g = _col_pass(c_base, c_sn, c_sk, lb, f_base, 0, offs_k, mk, N, eps, BLOCK_N, BLOCK_K)
     it = 1
     cur = 0
-    # error of the current plan (f in buffer cur, g); f_new goes to the other buffer
-    err = _row_pass(c_base, c_sn, c_sk, la_base, f_base, cur * N, (1 - cur) * N, g, offs_k, mk, N, eps, BLOCK_N)
+    # each sweep: error of the current plan (buffer cur), f_new and the g that follows it into the
+    # other buffer (used only if the loop goes on)
+    err = _sweep(c_base, c_sn, c_sk, la_base, lb, f_base, g_base, cur, N, K, eps, offs_k, mk, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
     while (it < n_iters) & (err >= tol):
-        cur = 1 - cur  # accept f_new
-        g = _col_pass(c_base, c_sn, c_sk, lb, f_base, cur * N, offs_k, mk, N, eps, BLOCK_N, BLOCK_K)
+        cur = 1 - cur  # accept f_new and its g
         it += 1
-        err = _row_pass(c_base, c_sn, c_sk, la_base, f_base, cur * N, (1 - cur) * N, g, offs_k, mk, N, eps,
-                        BLOCK_N)
+        err = _sweep(c_base, c_sn, c_sk, la_base, lb, f_base, g_base, cur, N, K, eps, offs_k, mk, BLOCK_N,
+                     BLOCK_K)
         tl.debug_barrier()
+    g = tl.load(g_base + cur * K + offs_k, mask=mk, other=0.0)
     # plan and loss from (f in buffer cur, g)
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
     n0 = 0
@@ -133,9 +128,11 @@ def _sinkhorn_kernel(
 
 
 def _blocks(K: int):
-    block_k = max(16, triton.next_power_of_2(K))
-    block_n = max(16, min(256, 4096 // block_k))
-    return block_n, block_k
+    # no tl.dot here, so K needs no padding to 16: tiny K (DPDiff-AD's K = 2) wastes no lanes
+    block_k = triton.next_power_of_2(K)
+    block_n = max(16, min(1024, 8192 // block_k))
+    num_warps = 16 if block_n * block_k >= 4096 else 8
+    return block_n, block_k, num_warps
 
 
 def solve(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: float, n_iters: int, tol: float):
@@ -149,14 +146,15 @@ def solve(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: flo
     log_a = log_a.to(torch.float32).contiguous()
     log_b = log_b.to(torch.float32).contiguous()
     f_ws = empty_output((B, 2, N), torch.float32, dev)
+    g_ws = torch.zeros((B, 2, K), dtype=torch.float32, device=dev)
     plan = empty_output((B, N, K), cost.dtype, dev)
     loss = empty_output((B,), torch.float32, dev)
     iters = empty_output((B,), torch.int32, dev)
-    block_n, block_k = _blocks(K)
+    block_n, block_k, num_warps = _blocks(K)
     _sinkhorn_kernel[(B,)](
-        cost, log_a, log_b, f_ws, plan, loss, iters,
+        cost, log_a, log_b, f_ws, g_ws, plan, loss, iters,
         N, K, float(eps), float(tol), int(n_iters),
         cost.stride(0), cost.stride(1), cost.stride(2), plan.stride(0), plan.stride(1), plan.stride(2),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     return plan, loss, iters
