@@ -186,6 +186,68 @@ def cases(device, dtype, B, quick) -> List[Case]:
     return out
 
 
+def overhead_cases(device) -> List[Case]:
+    """Tiny shapes: the time is the per-call host overhead (validation, dispatch, kernel launches)."""
+    dev = torch.device(device)
+    shp = (1, 1, 16, 64)
+    return [Case("call overhead: linear_attention", "B=1 H=1 N=16 D=64",
+                 lambda: {"q": torch.randn(*shp, device=dev), "k": torch.randn(*shp, device=dev),
+                          "v": torch.randn(*shp, device=dev)},
+                 {"fastproto": lambda q, k, v: ops.linear_attention(q, k, v),
+                  "reference": lambda q, k, v: ref_la.linear_attention(q, k, v, phi="elu", eps=1e-6)},
+                 ["q", "k", "v"], compile_ref=None),
+            Case("call overhead: prototype_attention", "B=1 H=1 N=16 M=6 D=64",
+                 lambda: {"q": torch.randn(*shp, device=dev), "k": torch.randn(1, 1, 6, 64, device=dev),
+                          "v": torch.randn(1, 1, 6, 64, device=dev)},
+                 {"fastproto": lambda q, k, v: ops.prototype_attention(q, k, v, kind="relu_cos", scale=1.0),
+                  "reference": lambda q, k, v: ref_proto.prototype_attention(q, k, v, kind="relu_cos", scale=1.0)},
+                 ["q", "k", "v"], compile_ref=None)]
+
+
+def overhead_breakdown(device) -> List[str]:
+    """Host time per call (µs) of the layers between a user and a kernel, on tiny inputs: a bare Triton
+    launch with few and with many scalar arguments, the linear-attention kernel launchers called
+    directly, and the public op (validation + dispatch + autograd.Function)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _noop(x_ptr, n):
+        pid = tl.program_id(0)
+        tl.store(x_ptr + pid, n * 1.0)
+
+    @triton.jit
+    def _noop_many(x_ptr, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                   A: tl.constexpr, B: tl.constexpr):
+        pid = tl.program_id(0)
+        tl.store(x_ptr + pid, (a0 + a15) * 1.0)
+
+    from fastproto.triton import linear_attention as tla
+    x = torch.zeros(16, device=device)
+    q = torch.randn(1, 1, 16, 64, device=device)
+    ints = list(range(1, 17))
+    calls = {
+        "triton launch, 2 args": lambda: _noop[(1,)](x, 3),
+        "triton launch, 18 args + 2 constexpr": lambda: _noop_many[(1,)](x, *ints, A=1, B=2),
+        "fastproto.triton.linear_attention.forward (2 launches)": lambda: tla.forward(q, q, q, "elu", 1e-6),
+        "fastproto.ops.linear_attention, no_grad": lambda: ops.linear_attention(q, q, q),
+        "reference linear_attention, no_grad": lambda: ref_la.linear_attention(q, q, q, phi="elu", eps=1e-6),
+    }
+    lines = []
+    with torch.no_grad():
+        for name, fn in calls.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(500):
+                fn()
+            host = (time.perf_counter() - t0) / 500
+            torch.cuda.synchronize()
+            lines.append(f"{name}: {host * 1e6:.1f} µs per call (host)")
+    return lines
+
+
 def sinkhorn_cases(device, K_list) -> List[Case]:
     dev = torch.device(device)
     out = []
@@ -363,7 +425,11 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the rows here (rewritten after every case)")
     ap.add_argument("--from-json", nargs="+", default=None,
                     help="render these earlier --json files (one run split over calls) into --out; run nothing")
+    ap.add_argument("--overhead", action="store_true", help="print the host-overhead breakdown (CUDA) and exit")
     args = ap.parse_args(argv)
+    if args.overhead:
+        print("\n".join(overhead_breakdown("cuda")))
+        return
     if args.from_json:
         parts = [json.load(open(f)) for f in args.from_json]
         env = parts[0]["env"] + " Commands: " + "; ".join(f"`{p['cmd']}`" for p in parts) + "."
@@ -387,6 +453,8 @@ def main(argv=None):
         for B in batches:
             plan += [(c, dt) for c in cases(args.device, getattr(torch, dt), B, args.quick)]
     plan += [(c, "float32") for c in sinkhorn_cases(args.device, (2, 8) if args.quick else (2, 8, 64))]
+    if cuda:
+        plan += [(c, "float32") for c in overhead_cases(args.device)]
     for case, dt in plan:
         if args.only and args.only not in case.op:
             continue

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -20,6 +21,13 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for kernel launches; a no-op (no context switch) when it already is."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: Sequence[str] = ("triton",),

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from fastproto.ops._dispatch import resolve_impl
+from fastproto.ops._dispatch import device_guard, resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.anomaly_map")
@@ -76,20 +76,6 @@ class _GaussianBlurTritonFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):  # pragma: no cover - unreachable by construction
         raise RuntimeError("gaussian_blur: the Triton path has no backward; use impl='reference'")
-
-
-class _device_guard:
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +272,7 @@ def anomaly_map(
         )
     cfg = dict(n_pairs=len(enc), out_size=out_size, groups=groups, sigma=sigma,
                kernel_size=kernel_size, eval_size=eval_size)
-    with _device_guard(enc[0].device):
+    with device_guard(enc[0].device):
         return _AnomalyMapTritonFn.apply(cfg, *enc, *dec)
 
 
@@ -308,7 +294,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, kernel_size: int = 5, 
         which = "reference"
     if which == "reference":
         return _ref.gaussian_blur(maps, sigma=float(sigma), kernel_size=int(kernel_size))
-    with _device_guard(maps.device):
+    with device_guard(maps.device):
         return _GaussianBlurTritonFn.apply(maps, float(sigma), int(kernel_size))
 
 

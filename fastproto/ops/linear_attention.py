@@ -18,7 +18,6 @@ reference otherwise; unsupported inputs on CUDA fall back with a one-time warnin
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import numbers
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastproto.ops._dispatch import resolve_impl
+from fastproto.ops._dispatch import device_guard, resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.linear_attention")
@@ -44,20 +43,19 @@ def _triton_module():
     return importlib.import_module("fastproto.triton.linear_attention")
 
 
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 class _LinearAttentionTritonFn(torch.autograd.Function):
     """Triton forward + analytic Triton backward. Returns ``(out, state)``; ``state`` (the kv
-    state ``sum_j phi(k_j)^T v_j`` in the input dtype) is non-differentiable."""
+    state ``sum_j phi(k_j)^T v_j`` in the input dtype, non-differentiable) only when ``want_state``,
+    else None (no copy: the plain op does not pay for it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, phi, eps):
+    def forward(ctx, q, k, v, phi, eps, want_state):
         tm = _triton_module()
         out, state, ksum = tm.forward(q, k, v, phi, eps)
         ctx.save_for_backward(q, k, v, state, ksum)
         ctx.phi, ctx.eps = phi, eps
+        if not want_state:
+            return out, None
         state_out = state.to(q.dtype, copy=True)
         ctx.mark_non_differentiable(state_out)
         return out, state_out
@@ -65,11 +63,11 @@ class _LinearAttentionTritonFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_state):
         if grad_out is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         q, k, v, state, ksum = ctx.saved_tensors
-        with _device_guard(q.device):
+        with device_guard(q.device):
             dq, dk, dv = _triton_module().backward(q, k, v, state, ksum, grad_out, ctx.phi, ctx.eps)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,17 +131,20 @@ def _resolve(impl: str, q, k, v) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _run(q, k, v, phi, eps, impl, want_state):
+    eps = _validate(q, k, v, phi, eps)
+    if _resolve(impl, q, k, v) == "reference":
+        return _ref.linear_attention_with_state(q, k, v, phi=phi, eps=eps)
+    with device_guard(q.device):
+        return _LinearAttentionTritonFn.apply(q, k, v, phi, eps, want_state)
+
+
 def linear_attention_with_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: str = "elu",
                                 eps: float = 1e-6, impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """As :func:`linear_attention`, also returning the kv state ``sum_j phi(k_j)^T v_j``
     [B, H, D, Dv] in the input dtype (what Dinomaly's ``LinearAttention2`` returns as ``kv``).
     The state is differentiable on the reference path and non-differentiable on the Triton path."""
-    eps = _validate(q, k, v, phi, eps)
-    which = _resolve(impl, q, k, v)
-    if which == "reference":
-        return _ref.linear_attention_with_state(q, k, v, phi=phi, eps=eps)
-    with _device_guard(q.device):
-        return _LinearAttentionTritonFn.apply(q, k, v, phi, eps)
+    return _run(q, k, v, phi, eps, impl, True)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: str = "elu", eps: float = 1e-6,
@@ -163,7 +164,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: 
     a permuted view of a [B, Nq, H, Dv] buffer. NaN inputs give NaN outputs. Differentiable on both
     paths (Triton: analytic backward kernels).
     """
-    return linear_attention_with_state(q, k, v, phi=phi, eps=eps, impl=impl)[0]
+    return _run(q, k, v, phi, eps, impl, False)[0]
 
 
 class LinearAttention(nn.Module):

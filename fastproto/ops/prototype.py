@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fastproto.ops._dispatch import resolve_impl
+from fastproto.ops._dispatch import device_guard, resolve_impl
 
 _ref = importlib.import_module("fastproto.reference.prototype")
 
@@ -211,11 +211,13 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
     with torch.no_grad():
         s_h = _ref.head_scale(scale_t.detach() if scale_t is not None else scale, H, default, q.device,
                               torch.float32).reshape(H).contiguous()
-    return _ProtoAttnFn.apply(q, k, v, scale_t, kind, s_h)
+    with device_guard(q.device):
+        return _ProtoAttnFn.apply(q, k, v, scale_t, kind, s_h)
 
 
 _MAX_M = 64
 _MAX_D = 256
+_ROUTE_STREAM_MIN_M = 64  # impl="auto" with gradients: below this M the reference is faster
 
 
 class PrototypeAttention(nn.Module):
@@ -281,6 +283,9 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
             weights [B, N, M])``; ``"linear"`` -> ``(x Pᵀ) P`` [B, N, C].
         tau: softmax temperature (> 0), ``soft`` only.
         impl: ``"auto"``, ``"triton"`` (``nearest`` with shared/per-sample banks) or ``"reference"``.
+            ``"auto"`` takes the streaming Triton path on CUDA for inference, and for training only when
+            M >= 64 (where [B, N, M] must not be built); with fewer prototypes and gradients the
+            reference is faster (measured, bench/RESULTS.md).
     """
     op = "route"
     if mode not in ROUTE_MODES:
@@ -321,6 +326,12 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
         return None
 
     chosen = resolve_impl(op, impl, [x, prototypes], impls=("triton",), has_backward=True, unsupported=unsupported)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)
+    if impl == "auto" and needs_grad and M < _ROUTE_STREAM_MIN_M:
+        # measured on an H100 (bench/RESULTS.md): with few prototypes the reference's matmul backward
+        # beats the gather/scatter backward of the streaming path, and its [B, N, M] matrix is small
+        chosen = "reference"
     if chosen == "reference":
         return _ref.route(x, prototypes, mode=mode, tau=float(tau), per_location=per_location)
-    return _RouteNearestFn.apply(x, prototypes)
+    with device_guard(x.device):
+        return _RouteNearestFn.apply(x, prototypes)

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastproto.ops._dispatch import resolve_impl
+from fastproto.ops._dispatch import device_guard, resolve_impl
 
 _ref = importlib.import_module("fastproto.reference.sinkhorn")
 
@@ -170,7 +170,8 @@ def sinkhorn(cost: torch.Tensor, *, eps: float = 0.05, n_iters: int = 100, tol: 
     if which == "reference":
         return _ref.sinkhorn(cost, eps=eps, n_iters=n_iters, tol=tol, a=a, b=b)
     log_a, log_b = _ref.log_marginals(cost, a, b, torch.float32)
-    return _SinkhornTritonFn.apply(cost, log_a, log_b, eps, n_iters, tol)
+    with device_guard(cost.device):
+        return _SinkhornTritonFn.apply(cost, log_a, log_b, eps, n_iters, tol)
 
 
 def ot_alignment_loss(x: torch.Tensor, prototypes: torch.Tensor, *, eps: float = 0.05, normalize: bool = False,

@@ -84,9 +84,8 @@ def _la_state_kernel(
     v_base = v_ptr + b * v_sb + h * v_sh
     acc = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    # a while loop: the Triton interpreter cannot take a runtime int as a range bound
-    n0 = 0
-    while n0 < N:
+    # a for loop over a range: the compiler software-pipelines its loads (a while loop is not)
+    for n0 in range(0, N, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mn = offs_n < N
         mk = mn[:, None] & md[None, :]
@@ -96,7 +95,6 @@ def _la_state_kernel(
                      mask=mn[:, None] & me[None, :], other=0.0).to(tl.float32)
         acc += mm(tl.trans(fk), vt, DOT_DT, PREC)
         zacc += tl.sum(fk, axis=0)
-        n0 += BLOCK_N
     s_base = s_ptr + pid * D * DV
     tl.store(s_base + offs_d[:, None] * DV + offs_e[None, :], acc, mask=md[:, None] & me[None, :])
     tl.store(z_ptr + pid * D + offs_d, zacc, mask=md)
@@ -165,8 +163,7 @@ def _la_bwd_q_kernel(
     q_base = q_ptr + b * q_sb + h * q_sh
     g_base = g_ptr + b * g_sb + h * g_sh
     dq_base = dq_ptr + b * dq_sb + h * dq_sh
-    n0 = 0
-    while n0 < N:
+    for n0 in range(0, N, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mn = offs_n < N
         mq = mn[:, None] & md[None, :]
@@ -186,7 +183,6 @@ def _la_bwd_q_kernel(
                  dq.to(dq_ptr.dtype.element_ty), mask=mq)
         ds += mm(tl.trans(fq), dnum, DOT_DT, PREC)
         dz += tl.sum(fq * dden[:, None], axis=0)
-        n0 += BLOCK_N
     tl.store(ds_ptr + pid * D * DV + offs_d[:, None] * DV + offs_e[None, :], ds, mask=md[:, None] & me[None, :])
     tl.store(dz_ptr + pid * D + offs_d, dz, mask=md)
 
