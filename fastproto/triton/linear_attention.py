@@ -135,7 +135,7 @@ def _la_out_kernel(
     num = mm(fq, s, DOT_DT, PREC)
     den = tl.sum(fq * z[None, :], axis=1) + eps
     den = tl.where(mn, den, 1.0)
-    out = num / den[:, None]
+    out = num * (1.0 / den)[:, None]
     tl.store(o_ptr + b * o_sb + h * o_sh + offs_n[:, None] * o_sn + offs_e[None, :] * o_se,
              out.to(o_ptr.dtype.element_ty), mask=mn[:, None] & me[None, :])
 
@@ -174,9 +174,10 @@ def _la_bwd_q_kernel(
         num = mm(fq, s, DOT_DT, PREC)
         den = tl.sum(fq * z[None, :], axis=1) + eps
         den = tl.where(mn, den, 1.0)
-        out = num / den[:, None]
-        dnum = gt / den[:, None]
-        dden = -tl.sum(gt * out, axis=1) / den
+        inv_den = 1.0 / den
+        out = num * inv_den[:, None]
+        dnum = gt * inv_den[:, None]
+        dden = -tl.sum(gt * out, axis=1) * inv_den
         dfq = mm(dnum, tl.trans(s), DOT_DT, PREC) + dden[:, None] * z[None, :]
         dq = dfq * _dphi(qt, PHI)
         tl.store(dq_base + offs_n[:, None] * dq_sn + offs_d[None, :] * dq_sd,

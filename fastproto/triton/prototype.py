@@ -77,8 +77,8 @@ def _proto_attn_fwd_kernel(
     if KIND == 0:
         qn = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), eps)
         kn = tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)
-        q = q / qn[:, None]
-        k = k / kn[:, None]
+        q = q * (1.0 / qn)[:, None]
+        k = k * (1.0 / kn)[:, None]
         # float32 operands: the ReLU kink must fall where the float32 reference puts it
         logits = mm(q, tl.trans(k), tl.float32, PREC)
         z = logits * s
@@ -91,7 +91,7 @@ def _proto_attn_fwd_kernel(
         mx = tl.max(logits, axis=1)
         e = tl.exp(logits - mx[:, None])
         e = tl.where(mask_m[None, :], e, 0.0)
-        attn = e / tl.sum(e, axis=1)[:, None]
+        attn = e * (1.0 / tl.sum(e, axis=1))[:, None]
     out = mm(attn, v, DOT_DT, PREC)
     tl.store(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
              out.to(o_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
@@ -162,8 +162,8 @@ def _proto_attn_bwd_kernel(
     dattn = mm(g, tl.trans(v), DOT_DT, PREC)  # [BLOCK_N, BLOCK_M]
     if KIND == 0:
         qnorm = tl.sqrt(tl.sum(q * q, axis=1))
-        qn = q / tl.maximum(qnorm, eps)[:, None]
-        kn = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)[:, None]
+        qn = q * (1.0 / tl.maximum(qnorm, eps))[:, None]
+        kn = k * (1.0 / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps))[:, None]
         cos = mm(qn, tl.trans(kn), tl.float32, PREC)  # float32: as in the forward
         z = cos * s
         attn = tl.where(z < 0.0, 0.0, z)
@@ -174,7 +174,7 @@ def _proto_attn_bwd_kernel(
         dqn = mm(dlog, kn, DOT_DT, PREC)
         # backward of x / max(||x||, eps)
         proj = dqn - qn * tl.sum(qn * dqn, axis=1)[:, None]
-        dq = tl.where((qnorm > eps)[:, None], proj / tl.maximum(qnorm, eps)[:, None], dqn / eps)
+        dq = tl.where((qnorm > eps)[:, None], proj * (1.0 / tl.maximum(qnorm, eps))[:, None], dqn * (1.0 / eps))
         dk_part = mm(tl.trans(dlog), qn, DOT_DT, PREC)
     else:
         raw = mm(q, tl.trans(k), DOT_DT, PREC)
@@ -182,7 +182,7 @@ def _proto_attn_bwd_kernel(
         mx = tl.max(logits, axis=1)
         e = tl.exp(logits - mx[:, None])
         e = tl.where(mask_m[None, :], e, 0.0)
-        attn = e / tl.sum(e, axis=1)[:, None]
+        attn = e * (1.0 / tl.sum(e, axis=1))[:, None]
         dz = attn * (dattn - tl.sum(dattn * attn, axis=1)[:, None])
         tl.atomic_add(ds_ptr + pid_bh, tl.sum(tl.sum(tl.where(mask_m[None, :], dz * raw, 0.0), axis=1), axis=0))
         dlog = dz * s

@@ -43,6 +43,7 @@ def _sweep(c_base, c_sn, c_sk, la_base, lb, f_base, g_base, cin, N, K, eps, offs
     (f, g), then, with the new f still in registers, the block's share of the online column LSE that
     gives the next g (into buffer 1 - cin). Returns the error. Only scalars cross the call: tensors
     carried through the caller's loop trip a Triton layout pass (3.6)."""
+    inv_eps = 1.0 / eps  # multiplications, not per-element divisions, in the inner loop
     fin = f_base + cin * N
     fout = f_base + (1 - cin) * N
     g = tl.load(g_base + cin * K + offs_k, mask=mk, other=0.0)
@@ -56,18 +57,18 @@ def _sweep(c_base, c_sn, c_sk, la_base, lb, f_base, g_base, cin, N, K, eps, offs
         m2 = mn[:, None] & mk[None, :]
         c = tl.load(c_base + offs_n[:, None] * c_sn + offs_k[None, :] * c_sk, mask=m2, other=0.0).to(tl.float32)
         # row LSE over K -> f_new
-        x = tl.where(mk[None, :], (g[None, :] - c) / eps, float("-inf"))
+        x = tl.where(mk[None, :], (g[None, :] - c) * inv_eps, float("-inf"))
         mx = tl.max(x, axis=1)
         lse = mx + tl.log(tl.sum(tl.exp(x - mx[:, None]), axis=1))
         la = tl.load(la_base + offs_n, mask=mn, other=0.0)
         fn = eps * la - eps * lse
         fo = tl.load(fin + offs_n, mask=mn, other=0.0)
-        e = tl.exp(la) * tl.abs(tl.exp((fo - fn) / eps) - 1.0)
+        e = tl.exp(la) * tl.abs(tl.exp((fo - fn) * inv_eps) - 1.0)
         e = tl.where(e < float("inf"), e, float("inf"))  # NaN counts as "not converged"
         errv = tl.maximum(errv, tl.where(mn, e, 0.0))
         tl.store(fout + offs_n, fn, mask=mn)
         # column online LSE over N of (f_new - c) / eps
-        y = tl.where(mn[:, None], (fn[:, None] - c) / eps, float("-inf"))
+        y = tl.where(mn[:, None], (fn[:, None] - c) * inv_eps, float("-inf"))
         m_new = tl.maximum(m, tl.max(y, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), axis=0)
         m = m_new
@@ -117,7 +118,7 @@ def _sinkhorn_kernel(
         m2 = mn[:, None] & mk[None, :]
         c = tl.load(c_base + offs_n[:, None] * c_sn + offs_k[None, :] * c_sk, mask=m2, other=0.0).to(tl.float32)
         f = tl.load(f_base + cur * N + offs_n, mask=mn, other=0.0)
-        log_t = (f[:, None] + g[None, :] - c) / eps
+        log_t = (f[:, None] + g[None, :] - c) * (1.0 / eps)
         t = tl.exp(log_t)
         tl.store(plan_ptr + pid * p_sb + offs_n[:, None] * p_sn + offs_k[None, :] * p_sk,
                  t.to(plan_ptr.dtype.element_ty), mask=m2)
