@@ -36,22 +36,46 @@ from fastproto.triton import empty_output
 MAX_K = 64
 
 @triton.jit
+def _col_lse_exact(c_base, c_sn, c_sk, f_ptr, N, inv_eps, offs_k, mk, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Column LSE over N of ``(f_i - C_ik)/eps`` by an online (running max / rescaled sum) pass."""
+    m = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mn = offs_n < N
+        c = tl.load(c_base + offs_n[:, None] * c_sn + offs_k[None, :] * c_sk, mask=mn[:, None] & mk[None, :],
+                    other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + offs_n, mask=mn, other=0.0)
+        y = tl.where(mn[:, None], (f[:, None] - c) * inv_eps, float("-inf"))
+        m_new = tl.maximum(m, tl.max(y, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), axis=0)
+        m = m_new
+    return m + tl.log(s)
+
+
+@triton.jit
 def _sweep(c_base, c_sn, c_sk, la_base, lb, f_base, g_base, cin, N, K, eps, offs_k, mk,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One pass over the cost for one Sinkhorn iteration, from the (f, g) in ping-pong buffer ``cin``:
     per row block, the f-update from g (into buffer 1 - cin) and the row-marginal error of the plan
-    (f, g), then, with the new f still in registers, the block's share of the online column LSE that
-    gives the next g (into buffer 1 - cin). Returns the error. Only scalars cross the call: tensors
-    carried through the caller's loop trip a Triton layout pass (3.6)."""
+    (f, g), and the block's share of the column sums that give the next g (into buffer 1 - cin).
+    Returns the error. Only scalars cross the call: tensors carried through the caller's loop trip a
+    Triton layout pass (3.6).
+
+    The column sums reuse the row pass's exponentials: with ``p_ik = exp(x_ik - max_k x_ik)``,
+    ``x_ik = (g_k - C_ik)/eps`` and ``r_i = sum_k p_ik``, the new ``f_i/eps = log a_i - max_k x_ik - log r_i``
+    gives ``exp((f_i - C_ik)/eps) = p_ik (a_i / r_i) exp(-g_k/eps)``, so the column LSE is
+    ``-g_k/eps + log sum_i p_ik a_i / r_i``: one exponential per cost entry instead of two. The sum
+    underflows only for a column far below every row's best entry (about 87 eps in cost); then (or on
+    NaN) the column LSE is recomputed exactly from the stored new f by an online pass."""
     inv_eps = 1.0 / eps  # multiplications, not per-element divisions, in the inner loop
     fin = f_base + cin * N
     fout = f_base + (1 - cin) * N
     g = tl.load(g_base + cin * K + offs_k, mask=mk, other=0.0)
     errv = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    m = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    n0 = 0
-    while n0 < N:
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mn = offs_n < N
         m2 = mn[:, None] & mk[None, :]
@@ -59,21 +83,24 @@ def _sweep(c_base, c_sn, c_sk, la_base, lb, f_base, g_base, cin, N, K, eps, offs
         # row LSE over K -> f_new
         x = tl.where(mk[None, :], (g[None, :] - c) * inv_eps, float("-inf"))
         mx = tl.max(x, axis=1)
-        lse = mx + tl.log(tl.sum(tl.exp(x - mx[:, None]), axis=1))
+        p = tl.exp(x - mx[:, None])
+        r = tl.sum(p, axis=1)
         la = tl.load(la_base + offs_n, mask=mn, other=0.0)
-        fn = eps * la - eps * lse
+        fn = eps * la - eps * (mx + tl.log(r))
         fo = tl.load(fin + offs_n, mask=mn, other=0.0)
         e = tl.exp(la) * tl.abs(tl.exp((fo - fn) * inv_eps) - 1.0)
         e = tl.where(e < float("inf"), e, float("inf"))  # NaN counts as "not converged"
         errv = tl.maximum(errv, tl.where(mn, e, 0.0))
         tl.store(fout + offs_n, fn, mask=mn)
-        # column online LSE over N of (f_new - c) / eps
-        y = tl.where(mn[:, None], (fn[:, None] - c) * inv_eps, float("-inf"))
-        m_new = tl.maximum(m, tl.max(y, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[None, :]), axis=0)
-        m = m_new
-        n0 += BLOCK_N
-    tl.store(g_base + (1 - cin) * K + offs_k, eps * lb - eps * (m + tl.log(s)), mask=mk)
+        w = tl.where(mn, tl.exp(la) / r, 0.0)
+        acc += tl.sum(p * w[:, None], axis=0)
+    n_bad = tl.sum(tl.where(mk & ~(acc > 1e-30), 1, 0), axis=0)  # ~(x > t) also catches NaN
+    if n_bad > 0:
+        tl.debug_barrier()  # the new f was stored by other threads
+        col_lse = _col_lse_exact(c_base, c_sn, c_sk, fout, N, inv_eps, offs_k, mk, BLOCK_N, BLOCK_K)
+    else:
+        col_lse = tl.log(acc) - g * inv_eps
+    tl.store(g_base + (1 - cin) * K + offs_k, eps * lb - eps * col_lse, mask=mk)
     return tl.max(errv, axis=0)
 
 
