@@ -604,3 +604,33 @@ def test_adapter_bf16_autocast(lite0_tokens):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (low,) = lite0_tokens.forward_layers(x, [6])
     assert low.dtype == torch.bfloat16 and (low.float() - ref).norm() / ref.norm() < 0.1
+
+
+def test_pos_embed_interpolation_cached_and_invalidated():
+    """The interpolated position embedding is computed once per grid and recomputed when the weights
+    change (load_state_dict / in-place update), so the cache can never serve stale embeddings."""
+    from fastproto.backbones import vit as vit_mod
+
+    model = B.create("dinov2_vits14", pretrained=False)
+    x = torch.randn(1, 3, 56, 70)
+    calls = []
+    real = vit_mod.interpolate_pos_embed
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    vit_mod.interpolate_pos_embed = counting
+    try:
+        first = model.forward_layers(x, [0])[0]
+        again = model.forward_layers(x, [0])[0]
+        assert len(calls) == 1 and torch.equal(first, again)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["pos_embed"] += 0.5
+        model.load_state_dict(state)
+        moved = model.forward_layers(x, [0])[0]
+        assert len(calls) == 2 and not torch.allclose(moved, first)
+        model.forward_layers(torch.randn(1, 3, 84, 84), [0])  # another grid: recomputed
+        assert len(calls) == 3
+    finally:
+        vit_mod.interpolate_pos_embed = real
