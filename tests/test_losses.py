@@ -296,3 +296,12 @@ def test_bad_inputs():
         cosine_mining_loss(e, d, impl="triton")
     with pytest.raises(ValueError, match="C="):
         coherence_loss(torch.randn(2, 5, 8), torch.randn(6, 7))
+
+
+def test_coherence_loss_per_sample_bank_when_batch_equals_tokens():
+    """B == N: a [B, M, C] bank is per-sample for the coherence loss (route alone would call it ambiguous)."""
+    x = torch.randn(4, 4, 8)
+    p = torch.randn(4, 3, 8)
+    want = (1 - torch.nn.functional.cosine_similarity(x[:, :, None], p[:, None], dim=-1)).amin(-1).mean()
+    for impl in ("auto", "reference"):
+        torch.testing.assert_close(coherence_loss(x, p, impl=impl), want)

@@ -11,6 +11,8 @@ ViT family (frozen DINOv2 ViT-B/14 with registers by default):
 * ``"dinomaly"`` -- :class:`~fastproto.models.dinomaly.Dinomaly`
 * ``"inpformer"`` -- :class:`~fastproto.models.inpformer.INPFormer`
 * ``"proad"`` -- :class:`~fastproto.models.proad.ProAD`
+* ``"dpdiff"`` -- :class:`~fastproto.models.dpdiff.DPDiffAD` (diffusion over the tokens, prototype
+  cross-attention, Sinkhorn alignment of the global prototypes)
 """
 from __future__ import annotations
 
@@ -94,5 +96,6 @@ def create(name: str, backbone: str | nn.Module = "dinov2_vitb14_reg", pretraine
 
 
 from fastproto.models import dinomaly as _dinomaly  # noqa: F401  (registers "dinomaly")
+from fastproto.models import dpdiff as _dpdiff  # noqa: F401  (registers "dpdiff")
 from fastproto.models import inpformer as _inpformer  # noqa: F401  (registers "inpformer")
 from fastproto.models import proad as _proad  # noqa: F401  (registers "proad")

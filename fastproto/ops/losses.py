@@ -188,6 +188,7 @@ def coherence_loss(features: torch.Tensor, prototypes: torch.Tensor, *, impl: st
     Returns a scalar in ``features``' dtype (averaged in float32/float64). Gradient flows through the
     nearest prototype of each token only (as ``torch.min``'s).
     """
-    dist, _ = route(features, prototypes, mode="nearest", impl=impl)
+    # a 3-D bank is per-sample here, never per-location (no ambiguity when B == N)
+    dist, _ = route(features, prototypes, mode="nearest", per_location=False, impl=impl)
     cd = _compute_dtype(features)
     return dist.to(cd).mean().to(features.dtype)

@@ -103,6 +103,6 @@ def cosine_mining_loss(encoder_feats: Sequence[torch.Tensor], decoder_feats: Seq
 def coherence_loss(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """INP-Former ``L_c = mean_{b,n} min_m (1 - cos(f[b, n], p_m))``; ``features`` [B, N, C],
     ``prototypes`` [M, C] or [B, M, C]."""
-    dist, _ = _proto.route(features, prototypes, mode="nearest")
+    dist, _ = _proto.route(features, prototypes, mode="nearest", per_location=False)
     cd = _compute_dtype(features)
     return dist.to(cd).mean().to(features.dtype)

@@ -18,7 +18,7 @@ Numerics (INP-Former):
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Union
 
 import torch
 
@@ -104,22 +104,12 @@ def _mix(w: torch.Tensor, p: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.einsum("bnm,nmc->bnc", w, p)
 
 
-def first_argmin(d: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Min over the last dim and the *lowest* index attaining it; NaN counts as the minimum."""
-    nan = torch.isnan(d)
-    vmin = torch.where(nan.any(-1), torch.full_like(d[..., 0], float("nan")), d.amin(-1))
-    hit = torch.where(torch.isnan(vmin).unsqueeze(-1), nan, d == vmin.unsqueeze(-1))
-    m = d.shape[-1]
-    ar = torch.arange(m, device=d.device).expand_as(d)
-    idx = torch.where(hit, ar, torch.full_like(ar, m)).amin(-1)
-    return vmin, idx
-
-
 def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", tau: float = 1.0,
           per_location: bool = False):
     """Route tokens ``x`` [B, N, C] to ``prototypes`` [M, C], [B, M, C] or per-location [N, M, C].
 
-    * ``nearest``: ``(min_m (1 - cos(x, p_m)) [B, N], argmin [B, N] int64)``;
+    * ``nearest``: ``(min_m (1 - cos(x, p_m)) [B, N], argmin [B, N] int64)``; ties: lowest index;
+      a NaN distance counts as the minimum;
     * ``soft``: ``(softmax(cos / tau) @ P [B, N, C], weights [B, N, M])``;
     * ``linear``: ``(x Pᵀ) P`` [B, N, C].
     Float results are in x's dtype.
@@ -127,11 +117,9 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
     layout = _bank_layout(x, prototypes, per_location)
     cd = _compute_dtype(x)
     if mode == "nearest":
-        dist = 1.0 - cosine(x, prototypes, per_location=per_location)
-        vmin, idx = first_argmin(dist.detach())
-        # gradient flows through the selected prototype only (as torch.min's does)
-        d = dist.gather(-1, idx.clamp_max(dist.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-        d = torch.where(torch.isnan(vmin), vmin, d)
+        # torch.min: ties go to the lowest index, a NaN distance wins (the first NaN), and the gradient
+        # flows through the selected prototype only (the semantics the Triton kernel reproduces)
+        d, idx = (1.0 - cosine(x, prototypes, per_location=per_location)).min(dim=-1)
         return d.to(x.dtype), idx
     if mode == "soft":
         w = torch.softmax(cosine(x, prototypes, per_location=per_location) / tau, dim=-1)

@@ -15,7 +15,7 @@ on tensor cores for 16-bit inputs, ``tf32x3`` for float32); everything else is f
     One program per (batch, token tile). Streams the prototypes in blocks of ``BLOCK_M`` (and the
     channels in chunks of ``BLOCK_C``; prototype inverse norms precomputed once on the host), keeping a running min of ``1 - cos`` and its argmin, so the
     [B, N, M] distance matrix is never materialised. Ties go to the lowest index, NaN wins (as in
-    :func:`fastproto.reference.prototype.first_argmin`).
+    :func:`fastproto.reference.prototype.route`).
 
 Use :mod:`fastproto.ops.prototype` (validation, dispatch, autograd); these functions assume
 validated inputs.
