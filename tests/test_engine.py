@@ -485,6 +485,22 @@ def test_evaluate_equals_direct_evaluator_and_writes_overlays(tmp_path):
         evaluate(model, loader, image_score="mean")
 
 
+class _DepthTaker(torch.nn.Module):
+    """An RGB-D model stand-in: its map is the depth's first channel, so the depth must be passed."""
+
+    def forward(self, images, depth):
+        maps = depth[:, 0]
+        return {"anomaly_map": maps, "score": maps.flatten(1).amax(1)}
+
+
+def test_evaluate_passes_depth_to_rgbd_models():
+    data = TinyData(n=6, augment=False, seed=3)
+    samples = [dict(data[i], depth=data[i]["mask"].expand(3, -1, -1).clone()) for i in range(len(data))]
+    loader = DataLoader(samples, batch_size=3)
+    got = evaluate(_DepthTaker(), loader, resolution=None)
+    assert got["mean"]["p_auroc"] == 1.0  # the depth is the ground truth itself
+
+
 def _dist_worker(rank, world, init_file, out_dir, queue):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -387,10 +387,23 @@ FORMATS = {"mvtec": MVTecDataset, "mpdd": MVTecDataset, "btad": MVTecDataset, "v
            "visa_raw": VisARawDataset, "realiad": RealIADDataset}
 
 
+# RGB-D formats live in fastproto.data.rgbd, which builds on this module: resolved lazily
+RGBD_FORMATS = {"mvtec3d": "MVTec3DDataset", "eyecandies": "EyecandiesDataset"}
+
+
+def _dataset_class(fmt: str) -> type:
+    if fmt in RGBD_FORMATS:
+        from fastproto.data import rgbd
+
+        return getattr(rgbd, RGBD_FORMATS[fmt])
+    return FORMATS[fmt]
+
+
 def _parse_spec(spec: str) -> tuple[str, Path]:
     fmt, sep, path = str(spec).partition(":")
-    if not sep or fmt not in FORMATS or not path:
-        raise ValueError(f"dataset spec must be '<format>:<path>' with format in {list(FORMATS)}, got {spec!r}")
+    known = [*FORMATS, *RGBD_FORMATS]
+    if not sep or fmt not in known or not path:
+        raise ValueError(f"dataset spec must be '<format>:<path>' with format in {known}, got {spec!r}")
     return fmt, Path(path).expanduser()
 
 
@@ -398,7 +411,7 @@ def list_categories(spec: str, **kwargs) -> list[str]:
     """Categories available in the dataset ``spec`` (``"<format>:<path>"``); ``kwargs`` as for the format's
     dataset class (e.g. ``csv_file`` for ``visa_raw``, ``json_dir`` for ``realiad``)."""
     fmt, root = _parse_spec(spec)
-    if FORMATS[fmt] is MVTecDataset:
+    if fmt in RGBD_FORMATS or FORMATS[fmt] is MVTecDataset:  # one folder per category, with train/ or test/
         return _mvtec_categories(root)
     if fmt == "visa_raw":
         return sorted({r["object"] for r in _read_visa_csv(root / kwargs.get("csv_file", "split_csv/1cls.csv"))})
@@ -410,7 +423,8 @@ def build_dataset(spec: str, split: str = "train", categories: str | Iterable[st
                   on_bad_file: str = "error", **kwargs) -> AnomalyDataset:
     """Dataset from a spec ``"<format>:<path>"``, format one of :data:`FORMATS`
     (``mvtec|mpdd|btad|visa|visa_raw|realiad``; ``visa`` is the prepared MVTec-layout tree, ``visa_raw`` the
-    original release with ``split_csv``, ``realiad`` also reads Real-IAD Variety).
+    original release with ``split_csv``, ``realiad`` also reads Real-IAD Variety) or an RGB-D format of
+    :data:`RGBD_FORMATS` (``mvtec3d``, ``eyecandies``: :mod:`fastproto.data.rgbd`).
 
     ``categories=None`` concatenates all categories (multi-class); a name or list selects. ``image_size`` /
     ``crop_size`` configure :class:`~fastproto.data.transforms.Preprocess` (``crop_size=None``: no crop);
@@ -418,8 +432,8 @@ def build_dataset(spec: str, split: str = "train", categories: str | Iterable[st
     """
     fmt, root = _parse_spec(spec)
     transform = kwargs.pop("transform", None) or Preprocess(image_size, crop_size)
-    return FORMATS[fmt](root, split=split, categories=categories, transform=transform, on_bad_file=on_bad_file,
-                        **kwargs)
+    return _dataset_class(fmt)(root, split=split, categories=categories, transform=transform,
+                               on_bad_file=on_bad_file, **kwargs)
 
 
 # --- batching and few-shot ----------------------------------------------------------------------------------

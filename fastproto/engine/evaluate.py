@@ -74,7 +74,8 @@ def evaluate(model: nn.Module, test_loader: Iterable[dict], *, protocol: str = "
                 continue
             images = to_device(batch["image"], device)
             with autocast:
-                out = model(images)
+                # RGB-D samples (MVTec 3D-AD, Eyecandies) carry a depth image the model takes second
+                out = model(images, to_device(batch["depth"], device)) if "depth" in batch else model(images)
             maps, masks = _align(out["anomaly_map"].float(), batch["mask"].to(device), resolution)
             scores = out["score"].float() if image_score == "model" else None
             evaluator.update(maps, masks, categories=batch["category"], image_scores=scores,

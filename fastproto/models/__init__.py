@@ -13,6 +13,13 @@ ViT family (frozen DINOv2 ViT-B/14 with registers by default):
 * ``"proad"`` -- :class:`~fastproto.models.proad.ProAD`
 * ``"dpdiff"`` -- :class:`~fastproto.models.dpdiff.DPDiffAD` (diffusion over the tokens, prototype
   cross-attention, Sinkhorn alignment of the global prototypes)
+* ``"uipad"`` -- :class:`~fastproto.models.uipad.UIPAD` (RGB + depth: unified prototypes shared by an RGB
+  and a depth decoder; ``model(images, depth)``)
+
+CNN family (frozen WideResNet-50-2 teacher, reverse distillation):
+
+* ``"borad"`` -- :class:`~fastproto.models.borad.BoRAD` (training-only prototype bank and BYOL
+  alignment to an EMA target; ``model.export()`` gives the inference-only model)
 """
 from __future__ import annotations
 
@@ -62,14 +69,18 @@ def _config_options(cls: type) -> list[str]:
     return names
 
 
-def create(name: str, backbone: str | nn.Module = "dinov2_vitb14_reg", pretrained: bool | str = True,
+DEFAULT_BACKBONE = "dinov2_vitb14_reg"
+
+
+def create(name: str, backbone: str | nn.Module | None = None, pretrained: bool | str = True,
            reference: bool = False, **cfg: Any) -> nn.Module:
     """Build the model ``name`` on a frozen backbone.
 
     Args:
         name: see :func:`list_models`.
-        backbone: a :func:`fastproto.backbones.create` name (default DINOv2 ViT-B/14 with 4
-            registers, as the papers) or a ready :class:`fastproto.backbones.Backbone` instance.
+        backbone: a :func:`fastproto.backbones.create` name or a ready backbone module; None takes
+            the model's paper backbone (its class attribute ``default_backbone``; DINOv2 ViT-B/14 with
+            4 registers for the ViT family, WideResNet-50-2 for BoRAD).
         pretrained: for a backbone name: True loads the official backbone checkpoint from disk (a
             clear FileNotFoundError names the file and where to put it when it is missing), False
             keeps random weights and touches no file or network, a path loads that file. Ignored
@@ -84,6 +95,8 @@ def create(name: str, backbone: str | nn.Module = "dinov2_vitb14_reg", pretraine
     unknown = sorted(set(cfg) - set(options))
     if unknown:
         raise TypeError(f"{name}: unknown option(s) {unknown}; valid options: {', '.join(options)}")
+    if backbone is None:
+        backbone = getattr(cls, "default_backbone", DEFAULT_BACKBONE)
     if isinstance(backbone, str):
         from fastproto import backbones
 
@@ -95,7 +108,9 @@ def create(name: str, backbone: str | nn.Module = "dinov2_vitb14_reg", pretraine
     return cls(encoder, impl="reference" if reference else "auto", **cfg)
 
 
+from fastproto.models import borad as _borad  # noqa: F401  (registers "borad")
 from fastproto.models import dinomaly as _dinomaly  # noqa: F401  (registers "dinomaly")
 from fastproto.models import dpdiff as _dpdiff  # noqa: F401  (registers "dpdiff")
 from fastproto.models import inpformer as _inpformer  # noqa: F401  (registers "inpformer")
 from fastproto.models import proad as _proad  # noqa: F401  (registers "proad")
+from fastproto.models import uipad as _uipad  # noqa: F401  (registers "uipad")
