@@ -1,7 +1,7 @@
 """Real-data run: INP-Former, Dinomaly and Pro-AD on real MVTec AD images, on the CPU.
 
     python bench/real_data.py [--data /work/shared/data/mvtec_reduced] [--models inpformer,dinomaly,proad]
-                              [--out runs/real] [--report bench/RESULTS_real.md] [--iters N] [--quick]
+                              [--out runs/real] [--report bench/RESULTS.md] [--iters N] [--quick]
 
 Data: ``mvtec_reduced`` (real MVTec AD hazelnut + transistor at 256 px, 50 train / 10 test images each, with
 masks; CC BY-NC-SA 4.0, test data only). Skipped with a message when the folder is absent.
@@ -63,9 +63,6 @@ def _report(rows: dict, args, started: str, load: tuple[float, float]) -> str:
     from fastproto.engine import markdown_table
 
     lines = [
-        "<!-- bench/real_data.py:start -->",
-        f"## Real data (MVTec AD hazelnut + transistor, reduced) — CPU, {started}",
-        "",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}), shared "
         f"with other jobs (load average at start / end {load[0]:.2f} / {load[1]:.2f}: wall times are upper bounds). "
         f"Versions: fastproto {fastproto.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
@@ -82,7 +79,6 @@ def _report(rows: dict, args, started: str, load: tuple[float, float]) -> str:
     for name, r in rows.items():
         lines += [f"### {name}: {r['step']} iterations, lr {r['lr']}, training {r['train_seconds'] / 60:.1f} min, "
                   f"evaluation {r['eval_seconds']:.1f} s", "", markdown_table(r["results"])]
-    lines.append("<!-- bench/real_data.py:end -->\n")
     return "\n".join(lines)
 
 
@@ -91,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=os.path.normpath(DEFAULT_DATA))
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default="runs/real")
-    ap.add_argument("--report", default="bench/RESULTS_real.md")
+    ap.add_argument("--report", default="bench/RESULTS.md", help="Markdown file whose 'real-cpu' section is written")
     ap.add_argument("--iters", type=int, default=None, help="override every model's iterations")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -106,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastproto import cli
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from metrics import write_section  # the section writer shared by the bench scripts
+
     started = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     load0 = os.getloadavg()[0]
     rows = {}
@@ -117,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"results": s["results"], "step": s["step"], "train_seconds": s["train_seconds"],
                       "eval_seconds": s["eval_seconds"], "lr": CONFIG["models"][name]["lr"]}
         print(f"{name}: training {s['train_seconds']:.0f} s, evaluation {s['eval_seconds']:.0f} s", flush=True)
-        text = _report(rows, args, started, (load0, os.getloadavg()[0]))
-        with open(args.report, "w") as f:  # rewritten after every model, so a partial run is kept
-            f.write(text)
+        # the section is rewritten after every model, so a partial run is kept
+        write_section(args.report, "real-cpu", f"Real data (MVTec AD hazelnut + transistor, reduced) — CPU, {started}",
+                      _report(rows, args, started, (load0, os.getloadavg()[0])))
         with open(os.path.join(args.out, "results_real.json"), "w") as f:
             json.dump({"config": CONFIG, "started": started, "rows": rows}, f, indent=2, allow_nan=True)
     print(f"wrote {args.report}")
