@@ -21,8 +21,18 @@ from fastproto.data.datasets import (
     fewshot_expand,
     list_categories,
 )
-from fastproto.data.rgbd import EyecandiesDataset, MVTec3DDataset, RGBDDataset, generate_rgbd
-from fastproto.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, binarize_mask
+from fastproto.data.rgbd import (
+    EyecandiesDataset,
+    MVTec3DDataset,
+    RGBDDataset,
+    generate_rgbd,
+)
+from fastproto.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocess,
+    binarize_mask,
+)
 
 __all__ = [
     "FORMATS",

@@ -27,7 +27,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fastproto.data.transforms import Preprocess, binarize_mask, fewshot_augmentations, to_grey
+from fastproto.data.transforms import (
+    Preprocess,
+    binarize_mask,
+    fewshot_augmentations,
+    to_grey,
+)
 
 __all__ = [
     "FORMATS",
@@ -160,10 +165,15 @@ class AnomalyDataset(torch.utils.data.Dataset):
             raise _bad(rec.mask, f"mask size {mask.size} differs from image size {image.size} of {rec.image}")
         return image, mask
 
+    def load_extra(self, index: int, image: Image.Image) -> dict:
+        """Further fields of sample ``index`` (e.g. an RGB-D dataset's depth); may raise BadFileError."""
+        return {}
+
     def __getitem__(self, index: int) -> dict | None:
         rec = self.records[index]
         try:
             image, mask = self.load(index)
+            extra = self.load_extra(index, image)
         except BadFileError as e:
             if self.on_bad_file == "error":
                 raise
@@ -172,7 +182,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         size_hw = (image.height, image.width)
         binary = None if mask is None else binarize_mask(mask, self.mask_rule)
         return {"image": self.transform.image(image), "mask": self.transform.mask(binary, size_hw),
-                "label": rec.label, "category": rec.category, "defect": rec.defect, "path": rec.image}
+                "label": rec.label, "category": rec.category, "defect": rec.defect, "path": rec.image, **extra}
 
 
 def _reject(problem: BadFileError, on_bad_file: str) -> None:

@@ -36,10 +36,7 @@ cross-modal defects (see its docstring).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,7 +51,6 @@ from scipy import ndimage
 from fastproto.data.datasets import (
     ON_BAD_FILE,
     AnomalyDataset,
-    BadFileError,
     Record,
     _bad,
     _check_choice,
@@ -62,6 +58,7 @@ from fastproto.data.datasets import (
     _reject,
     _select,
 )
+from fastproto.data.synthetic import prepare_root, write_meta
 from fastproto.data.transforms import Preprocess, binarize_mask
 
 __all__ = [
@@ -246,21 +243,9 @@ class RGBDDataset(AnomalyDataset):
             d = F.interpolate(d, size=t.image_size, mode="nearest")
         return t.normalize(t._crop(d[0]).expand(3, -1, -1).contiguous())
 
-    def __getitem__(self, index: int) -> dict | None:
-        rec = self.records[index]
-        try:
-            image, mask = self.load(index)
-            depth = self.load_depth(index, (image.height, image.width))
-        except BadFileError as e:
-            if self.on_bad_file == "error":
-                raise
-            warnings.warn(f"skipping sample {index} ({rec.category}): {e}", stacklevel=2)
-            return None
-        size_hw = (image.height, image.width)
-        binary = None if mask is None else binarize_mask(mask, self.mask_rule)
-        return {"image": self.transform.image(image), "depth": self.depth_tensor(depth),
-                "mask": self.transform.mask(binary, size_hw), "label": rec.label, "category": rec.category,
-                "defect": rec.defect, "path": rec.image}
+    def load_extra(self, index: int, image: Image.Image) -> dict:
+        """The depth image of sample ``index`` ([3, H, W], preprocessed like the RGB)."""
+        return {"depth": self.depth_tensor(self.load_depth(index, (image.height, image.width)))}
 
 
 def _stems(folder: Path, ext: str) -> dict[str, Path]:
@@ -560,17 +545,8 @@ def generate_rgbd(root: str | Path, categories: Sequence[str] = tuple(RGBD_CATEG
         raise ValueError("need n_train >= 0, n_test >= 0, 0 <= anomaly_fraction <= 1 and size >= 32")
     params = {"categories": categories, "n_train": n_train, "n_test": n_test, "size": size, "seed": seed,
               "anomaly_fraction": anomaly_fraction}
-    meta_path = root / RGBD_META_FILE
-    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if old.get("version") == _RGBD_VERSION and old.get("params") == params:
+    if prepare_root(root, params, RGBD_META_FILE, _RGBD_VERSION, overwrite, "an RGB-D synthetic dataset"):
         return root
-    existing = [c for c in categories if (root / c).exists()]
-    if (existing or old) and not overwrite:
-        what = f"an RGB-D synthetic dataset with other parameters ({RGBD_META_FILE})" if old else f"folders {existing}"
-        raise FileExistsError(f"{root} already has {what}; pass overwrite=True to replace it")
-    for c in sorted(set(existing) | set(old.get("params", {}).get("categories", []))):
-        shutil.rmtree(root / c, ignore_errors=True)
-    meta_path.unlink(missing_ok=True)
 
     def write(category: str, entropy: list[int], split: str, defect: str, stem: str) -> None:
         rgb, xyz, mask = _render(category, np.random.default_rng(entropy), size, defect)
@@ -594,9 +570,6 @@ def generate_rgbd(root: str | Path, categories: Sequence[str] = tuple(RGBD_CATEG
             write(c, [seed, key, 1, i], "test", defect, f"{counts[defect]:03d}")
             counts[defect] += 1
         summary[c] = {"defects": list(types), "train": n_train, "test": {k: v for k, v in counts.items() if v}}
-    meta = {"generator": "fastproto.data.rgbd", "version": _RGBD_VERSION, "params": params, "categories": summary,
-            "license": "CC0-1.0: procedurally generated, no third-party content",
-            "layout": "MVTec 3D-AD: <category>/{train/good, test/<type>}/{rgb/NNN.png, xyz/NNN.tiff, gt/NNN.png}"}
-    root.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_meta(root, RGBD_META_FILE, "fastproto.data.rgbd", _RGBD_VERSION, params, summary,
+               "MVTec 3D-AD: <category>/{train/good, test/<type>}/{rgb/NNN.png, xyz/NNN.tiff, gt/NNN.png}")
     return root

@@ -529,17 +529,8 @@ def generate(root: str | Path, categories: Sequence[str] = DEFAULT_CATEGORIES, n
         raise ValueError("need n_train >= 0, n_test >= 0, 0 <= anomaly_fraction <= 1 and size >= 64")
     params = {"categories": categories, "n_train": n_train, "n_test": n_test, "size": size, "seed": seed,
               "anomaly_fraction": anomaly_fraction}
-    meta_path = root / META_FILE
-    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if old.get("version") == _VERSION and old.get("params") == params:
+    if prepare_root(root, params, META_FILE, _VERSION, overwrite, "a synthetic dataset"):
         return root
-    existing = [c for c in categories if (root / c).exists()]
-    if (existing or old) and not overwrite:
-        what = f"a synthetic dataset with other parameters ({META_FILE})" if old else f"folders {existing}"
-        raise FileExistsError(f"{root} already has {what}; pass overwrite=True to replace it")
-    for c in sorted(set(existing) | set(old.get("categories", {}))):  # ours to replace
-        shutil.rmtree(root / c, ignore_errors=True)
-    meta_path.unlink(missing_ok=True)
     jobs, summary = [], {}
     for c in categories:
         key, types = zlib.crc32(c.encode()), CATEGORIES[c]
@@ -563,9 +554,33 @@ def generate(root: str | Path, categories: Sequence[str] = DEFAULT_CATEGORIES, n
     # every image has its own random stream, so threads (NumPy and PIL release the GIL) keep the bytes fixed
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(work, jobs))
-    meta = {"generator": "fastproto.data.synthetic", "version": _VERSION, "params": params, "categories": summary,
-            "license": "CC0-1.0: procedurally generated, no third-party content",
-            "layout": "MVTec AD: <category>/{train/good, test/<type>, ground_truth/<type>/<name>_mask.png}"}
-    root.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_meta(root, META_FILE, "fastproto.data.synthetic", _VERSION, params, summary,
+               "MVTec AD: <category>/{train/good, test/<type>, ground_truth/<type>/<name>_mask.png}")
     return root
+
+
+def prepare_root(root: Path, params: dict, meta_file: str, version: int, overwrite: bool, what: str) -> bool:
+    """Get ``root`` ready for a generator run: True when it already holds the dataset of these ``params``
+    (recorded in ``meta_file``; reuse it); else clear the category folders this generator owns (those of
+    ``params`` and of the recorded run) when ``overwrite``, or raise ``FileExistsError`` naming what is there."""
+    meta_path = root / meta_file
+    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if old.get("version") == version and old.get("params") == params:
+        return True
+    existing = [c for c in params["categories"] if (root / c).exists()]
+    if (existing or old) and not overwrite:
+        desc = f"{what} with other parameters ({meta_file})" if old else f"folders {existing}"
+        raise FileExistsError(f"{root} already has {desc}; pass overwrite=True to replace it")
+    for c in sorted(set(existing) | set(old.get("categories", {}))):  # ours to replace
+        shutil.rmtree(root / c, ignore_errors=True)
+    meta_path.unlink(missing_ok=True)
+    return False
+
+
+def write_meta(root: Path, meta_file: str, generator: str, version: int, params: dict, summary: dict,
+               layout: str) -> None:
+    """Record a finished generator run (parameters, per-category counts, layout, licence) in ``meta_file``."""
+    meta = {"generator": generator, "version": version, "params": params, "categories": summary,
+            "license": "CC0-1.0: procedurally generated, no third-party content", "layout": layout}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / meta_file).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
