@@ -109,6 +109,15 @@ def _load_state(s_ptr, z_ptr, pid, D, DV, offs_d, offs_e, md, me):
 
 
 @triton.jit
+def _attend(qt, mq, mn, s, z, eps, PHI: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """One query tile against the state: ``(phi(q), phi(q) S / den, 1 / den)`` with
+    ``den = phi(q) . z + eps`` (1 on the masked tail rows); shared by the forward and the dq backward."""
+    fq = tl.where(mq, _phi(qt, PHI), 0.0)
+    inv_den = 1.0 / tl.where(mn, tl.sum(fq * z[None, :], axis=1) + eps, 1.0)
+    return fq, mm(fq, s, DOT_DT, PREC) * inv_den[:, None], inv_den
+
+
+@triton.jit
 def _la_out_kernel(
     q_ptr, s_ptr, z_ptr, o_ptr,
     H, N, D, DV, eps,
@@ -131,11 +140,7 @@ def _la_out_kernel(
     mq = mn[:, None] & md[None, :]
     qt = tl.load(q_ptr + b * q_sb + h * q_sh + offs_n[:, None] * q_sn + offs_d[None, :] * q_sd,
                  mask=mq, other=0.0).to(tl.float32)
-    fq = tl.where(mq, _phi(qt, PHI), 0.0)
-    num = mm(fq, s, DOT_DT, PREC)
-    den = tl.sum(fq * z[None, :], axis=1) + eps
-    den = tl.where(mn, den, 1.0)
-    out = num * (1.0 / den)[:, None]
+    _, out, _ = _attend(qt, mq, mn, s, z, eps, PHI, DOT_DT, PREC)
     tl.store(o_ptr + b * o_sb + h * o_sh + offs_n[:, None] * o_sn + offs_e[None, :] * o_se,
              out.to(o_ptr.dtype.element_ty), mask=mn[:, None] & me[None, :])
 
@@ -170,12 +175,7 @@ def _la_bwd_q_kernel(
         mg = mn[:, None] & me[None, :]
         qt = tl.load(q_base + offs_n[:, None] * q_sn + offs_d[None, :] * q_sd, mask=mq, other=0.0).to(tl.float32)
         gt = tl.load(g_base + offs_n[:, None] * g_sn + offs_e[None, :] * g_se, mask=mg, other=0.0).to(tl.float32)
-        fq = tl.where(mq, _phi(qt, PHI), 0.0)
-        num = mm(fq, s, DOT_DT, PREC)
-        den = tl.sum(fq * z[None, :], axis=1) + eps
-        den = tl.where(mn, den, 1.0)
-        inv_den = 1.0 / den
-        out = num * inv_den[:, None]
+        fq, out, inv_den = _attend(qt, mq, mn, s, z, eps, PHI, DOT_DT, PREC)
         dnum = gt * inv_den[:, None]
         dden = -tl.sum(gt * out, axis=1) * inv_den
         dfq = mm(dnum, tl.trans(s), DOT_DT, PREC) + dden[:, None] * z[None, :]

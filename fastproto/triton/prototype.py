@@ -43,6 +43,31 @@ def _p2(n: int, lo: int = 16) -> int:
 
 
 @triton.jit
+def _weights(q, k, mask_m, s, eps, KIND: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """Attention weights of a query tile ``[BLOCK_N, BLOCK_M]`` (masked prototypes get 0), shared by the
+    forward and the backward. Returns ``(attn, qa, ka, x, ||q||)``: for relu_cos ``qa, ka`` are the
+    normalised q, k and ``x`` the cosines; for softmax ``q, k`` themselves and the unscaled ``q kᵀ``."""
+    qnorm = tl.sqrt(tl.sum(q * q, axis=1))
+    if KIND == 0:
+        qa = q * (1.0 / tl.maximum(qnorm, eps))[:, None]
+        ka = k * (1.0 / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps))[:, None]
+        # float32 operands: the ReLU kink must fall where the float32 reference puts it
+        x = mm(qa, tl.trans(ka), tl.float32, PREC)
+        z = x * s
+        attn = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN (tl.maximum may drop it on GPU)
+        attn = tl.where(mask_m[None, :], attn, 0.0)
+    else:
+        qa = q
+        ka = k
+        x = mm(q, tl.trans(k), DOT_DT, PREC)
+        logits = tl.where(mask_m[None, :], x * s, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        e = tl.where(mask_m[None, :], e, 0.0)
+        attn = e * (1.0 / tl.sum(e, axis=1))[:, None]
+    return attn, qa, ka, x, qnorm
+
+
+@triton.jit
 def _proto_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, o_ptr,
     H, N, M, D, DV,
@@ -74,24 +99,7 @@ def _proto_attn_fwd_kernel(
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
     s = tl.load(s_ptr + h).to(tl.float32)
-    if KIND == 0:
-        qn = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), eps)
-        kn = tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)
-        q = q * (1.0 / qn)[:, None]
-        k = k * (1.0 / kn)[:, None]
-        # float32 operands: the ReLU kink must fall where the float32 reference puts it
-        logits = mm(q, tl.trans(k), tl.float32, PREC)
-        z = logits * s
-        attn = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN (tl.maximum may drop it on GPU)
-        # masked prototypes have k = 0 -> logit 0 -> relu 0, and v = 0 there anyway
-        attn = tl.where(mask_m[None, :], attn, 0.0)
-    else:
-        logits = mm(q, tl.trans(k), DOT_DT, PREC) * s
-        logits = tl.where(mask_m[None, :], logits, float("-inf"))
-        mx = tl.max(logits, axis=1)
-        e = tl.exp(logits - mx[:, None])
-        e = tl.where(mask_m[None, :], e, 0.0)
-        attn = e * (1.0 / tl.sum(e, axis=1))[:, None]
+    attn, _, _, _, _ = _weights(q, k, mask_m, s, eps, KIND, DOT_DT, PREC)
     out = mm(attn, v, DOT_DT, PREC)
     tl.store(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
              out.to(o_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
@@ -160,15 +168,10 @@ def _proto_attn_bwd_kernel(
                 mask=mask_n[:, None] & mask_dv[None, :], other=0.0).to(tl.float32)
     s = tl.load(s_ptr + h).to(tl.float32)
     dattn = mm(g, tl.trans(v), DOT_DT, PREC)  # [BLOCK_N, BLOCK_M]
+    attn, qa, ka, x, qnorm = _weights(q, k, mask_m, s, eps, KIND, DOT_DT, PREC)
     if KIND == 0:
-        qnorm = tl.sqrt(tl.sum(q * q, axis=1))
-        qn = q * (1.0 / tl.maximum(qnorm, eps))[:, None]
-        kn = k * (1.0 / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps))[:, None]
-        cos = mm(qn, tl.trans(kn), tl.float32, PREC)  # float32: as in the forward
-        z = cos * s
-        attn = tl.where(z < 0.0, 0.0, z)
-        attn = tl.where(mask_m[None, :], attn, 0.0)
-        dz = tl.where((z > 0.0) & mask_m[None, :], dattn, 0.0)
+        qn, kn, cos = qa, ka, x
+        dz = tl.where((cos * s > 0.0) & mask_m[None, :], dattn, 0.0)
         tl.atomic_add(ds_ptr + pid_bh, tl.sum(tl.sum(dz * cos, axis=1), axis=0))
         dlog = dz * s
         dqn = mm(dlog, kn, DOT_DT, PREC)
@@ -177,14 +180,8 @@ def _proto_attn_bwd_kernel(
         dq = tl.where((qnorm > eps)[:, None], proj * (1.0 / tl.maximum(qnorm, eps))[:, None], dqn * (1.0 / eps))
         dk_part = mm(tl.trans(dlog), qn, DOT_DT, PREC)
     else:
-        raw = mm(q, tl.trans(k), DOT_DT, PREC)
-        logits = tl.where(mask_m[None, :], raw * s, float("-inf"))
-        mx = tl.max(logits, axis=1)
-        e = tl.exp(logits - mx[:, None])
-        e = tl.where(mask_m[None, :], e, 0.0)
-        attn = e * (1.0 / tl.sum(e, axis=1))[:, None]
         dz = attn * (dattn - tl.sum(dattn * attn, axis=1)[:, None])
-        tl.atomic_add(ds_ptr + pid_bh, tl.sum(tl.sum(tl.where(mask_m[None, :], dz * raw, 0.0), axis=1), axis=0))
+        tl.atomic_add(ds_ptr + pid_bh, tl.sum(tl.sum(tl.where(mask_m[None, :], dz * x, 0.0), axis=1), axis=0))
         dlog = dz * s
         dq = mm(dlog, k, DOT_DT, PREC)
         dk_part = mm(tl.trans(dlog), q, DOT_DT, PREC)
