@@ -34,3 +34,15 @@ def run(test_file: str, seed: int, timeout: int = 600) -> dict:
         f"interpreter subprocess failed (seed={seed}, rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
         f"{proc.stderr[-5000:]}")
     return json.loads(lines[-1][len(_TAG):])
+
+
+def results_fixture(test_file: str):
+    """A module-scoped fixture ``(seed, results)``: ``test_file``'s interpreter cases run once, with a fresh
+    seed (reported in every assertion message, so a failure can be replayed)."""
+
+    @pytest.fixture(scope="module")
+    def interpreter_results():
+        seed = int.from_bytes(os.urandom(3), "little")
+        return seed, run(test_file, seed)
+
+    return interpreter_results

@@ -533,10 +533,7 @@ def _interpreter_main(seed: int) -> None:
     _interpreter.emit(results)
 
 
-@pytest.fixture(scope="module")
-def interpreter_results():
-    seed = _new_seed()
-    return seed, _interpreter.run(__file__, seed)
+interpreter_results = _interpreter.results_fixture(__file__)
 
 
 def test_interpreter_is_really_used(interpreter_results):

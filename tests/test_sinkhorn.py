@@ -391,10 +391,7 @@ def _interpreter_main(seed: int) -> None:
     _interpreter.emit(results)
 
 
-@pytest.fixture(scope="module")
-def interpreter_results():
-    seed = int.from_bytes(os.urandom(3), "little")
-    return seed, _interpreter.run(__file__, seed)
+interpreter_results = _interpreter.results_fixture(__file__)
 
 
 def test_interpreter_is_really_used(interpreter_results):
