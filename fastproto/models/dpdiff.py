@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastproto.backbones.vit import Attention
 from fastproto.models import register_model
 from fastproto.models._vit_common import (
     AggregationAttention,
@@ -184,24 +185,6 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention on ``F.scaled_dot_product_attention`` (``qkv``, ``proj``: timm names)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"SelfAttention: dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-
 class PrototypeCrossAttention(nn.Module):
     """Softmax cross-attention of many tokens to a few per-sample prototypes through
     :func:`fastproto.ops.prototype_attention` (``kind="softmax"``; ``impl`` follows the model).
@@ -241,7 +224,7 @@ class DiTBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(dim, num_heads)
+        self.attn = Attention(dim, num_heads)  # the ViT block's packed-qkv SDPA attention
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = PrototypeCrossAttention(dim, num_heads)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
