@@ -9,7 +9,7 @@
                     [--no-pretrained] [--overlays 8]
     fastproto eval --checkpoint runs/proad/last.pt [--data mvtec:/data/mvtec] [--protocol exact] [--overlays 8]
     fastproto eval maps.npz [--protocol exact] [--json out.json]        # saved anomaly maps
-    fastproto demo [--models inpformer,proad] [--out runs/demo] [--quick]
+    fastproto demo [--model inpformer --model proad | --models inpformer,proad] [--out runs/demo] [--quick]
     fastproto bench metrics [...]                                          # bench/ scripts (source checkout)
     fastproto info
 
@@ -479,9 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("target", nargs="?", default="metrics", choices=["metrics", "ops", "models", "real_data"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
 
-    d = sub.add_parser("demo", help="synthetic data -> train INP-Former and Pro-AD on the CPU -> metrics and "
-                                    "overlays (fastproto/demo.py)")
-    d.add_argument("--models", default="inpformer,proad", help="comma-separated (default: %(default)s)")
+    from fastproto import demo  # standard library imports only
+
+    d = sub.add_parser("demo", help="synthetic data -> train models on the CPU -> metrics and overlays "
+                                    "(fastproto/demo.py)")
+    d.add_argument("--model", "--models", dest="models", action="append", metavar="NAME[,NAME...]",
+                   help=f"model(s) to run, repeatable and / or comma-separated: {', '.join(demo.DEMO['models'])} "
+                        f"(default: {','.join(demo.DEFAULT_MODELS)})")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, seconds)")
     d.add_argument("--seed", type=int, default=0)
@@ -519,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from fastproto import demo
 
-            demo.run(out=args.out, models=_csv(args.models, "--models"), quick=args.quick, seed=args.seed)
+            models = [m for item in args.models for m in _csv(item, "--model")] if args.models else None
+            demo.run(out=args.out, models=models, quick=args.quick, seed=args.seed)
     except (*_USER_ERRORS, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,19 +94,6 @@ def test_resume_continues_the_same_run(tiny_data, tmp_path, monkeypatch):
     assert torch.load(parts / "last.pt", weights_only=True)["step"] == 2
 
 
-def test_demo_quick_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert "| mean |" in printed
-    text = (tmp_path / "results.md").read_text()
-    assert "## inpformer" in text and "## proad" in text
-    report = json.loads((tmp_path / "results.json").read_text())
-    for model in ("inpformer", "proad"):
-        assert set(report["models"][model]["results"]) == {"fabric", "screw", "mean"}
-        assert list((tmp_path / model / "overlays").rglob("*.png"))
-    assert main(["demo", "--quick", "--models", "nomodel", "--out", str(tmp_path)]) == 2
-
-
 @pytest.mark.skipif(not os.path.isdir(REAL_DATA), reason="real MVTec data (/work/shared/data) absent")
 def test_real_data_smoke(tmp_path):
     out = tmp_path / "real"
