@@ -1,5 +1,5 @@
-"""End to end through the CLI: train -> checkpoint -> eval on a tiny synthetic dataset, exact resume, the quick
-demo, and a smoke run on real MVTec images (skipped when /work/shared/data is absent)."""
+"""End to end through the CLI: train -> checkpoint -> eval on a tiny synthetic dataset, exact resume, and a
+smoke run on real MVTec images (skipped when /work/shared/data is absent)."""
 import json
 import math
 import os
