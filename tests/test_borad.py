@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastproto.models.borad as borad_mod
 from fastproto.backbones.cnn import efficientnet_lite0
 from fastproto.models import create, list_models, model_class
-from fastproto.models.borad import BoRAD, ReverseDistillation
+from fastproto.models.borad import BoRAD, ReverseDistillation, official_key
 
 SIZE = 64
 _TEACHER: list = []
@@ -347,3 +347,224 @@ def test_create_without_backbone_takes_the_paper_teacher(monkeypatch):
             models.create(name, pretrained=False)
     assert asked == ["wide_resnet50_2", "dinov2_vitb14_reg"]
     assert real is not fake
+
+
+# ----------------------------------------------------------------------------------------------
+# official checkpoints (github.com/luythoangduy/BoRAD on ADer: net.pth / ckpt.pth + loss_terms.pth)
+# ----------------------------------------------------------------------------------------------
+
+
+def _bn(prefix: str, c: int) -> dict[str, tuple]:
+    return {**{prefix + n: (c,) for n in ("weight", "bias", "running_mean", "running_var")},
+            prefix + "num_batches_tracked": ()}
+
+
+def _official_bottleneck(prefix: str, cin: int, width: int, cout: int, shortcut: str | None = None) -> dict:
+    """torchvision / timm bottleneck keys; ADer's decoder blocks with an ``upsample`` shortcut have 2x2
+    transposed convs (weights ``[in, out, 2, 2]``) in the middle and in the shortcut."""
+    up = shortcut == "upsample"
+    keys = {prefix + "conv1.weight": (width, cin, 1, 1), **_bn(prefix + "bn1.", width),
+            prefix + "conv2.weight": (width, width, 2, 2) if up else (width, width, 3, 3), **_bn(prefix + "bn2.", width),
+            prefix + "conv3.weight": (cout, width, 1, 1), **_bn(prefix + "bn3.", cout)}
+    if shortcut:
+        keys[f"{prefix}{shortcut}.0.weight"] = (cin, cout, 2, 2) if up else (cout, cin, 1, 1)
+        keys.update(_bn(f"{prefix}{shortcut}.1.", cout))
+    return keys
+
+
+def official_borad_keys(n_prototypes: int = 7) -> dict[str, tuple]:
+    """Keys and shapes of an official run at 256 px, transcribed from the official definitions: ``net.pth``
+    of ``RDLGC_BYOL`` (timm wide_resnet50_2 features_only out_indices (1, 2, 3) as ``net_t``; RD++
+    ``MultiProjectionLayer`` online and momentum; the multi-scale ``MultiPredictorLayer``; BatchNorm
+    ``MFF_OCE`` with width-512 bottlenecks; ADer ``de_wide_resnet50_2`` as ``net_s``) and, as
+    ``proto.*``, ``loss_terms.pth`` of ``PrototypeBYOLLoss(feat_dim=2048, H=8, W=8)``."""
+    keys = {"net_t.conv1.weight": (64, 3, 7, 7), **_bn("net_t.bn1.", 64)}
+    cin = 64
+    for i, (n, planes) in enumerate(zip((3, 4, 6), (64, 128, 256))):
+        for j in range(n):
+            keys.update(_official_bottleneck(f"net_t.layer{i + 1}.{j}.", cin, 2 * planes, 4 * planes,
+                                             "downsample" if j == 0 else None))
+            cin = 4 * planes
+    for s, c in zip("abc", (256, 512, 1024)):
+        for proj in ("proj_layer", "proj_layer_momentum"):
+            for idx, (a, b) in zip((0, 3, 6, 9), ((c, c // 2), (c // 2, c // 4), (c // 4, c // 2), (c // 2, c))):
+                keys.update({f"{proj}.proj_{s}.proj.{idx}.weight": (b, a, 3, 3), f"{proj}.proj_{s}.proj.{idx}.bias": (b,)})
+        keys.update({f"predictor.pred_{s}.predictor.0.weight": (c // 2, c, 1, 1),
+                     f"predictor.pred_{s}.predictor.3.weight": (c, c // 2, 1, 1)})
+    keys.update({"mff_oce.conv1.weight": (512, 256, 3, 3), **_bn("mff_oce.bn1.", 512),
+                 "mff_oce.conv2.weight": (1024, 512, 3, 3), **_bn("mff_oce.bn2.", 1024),
+                 "mff_oce.conv3.weight": (1024, 512, 3, 3), **_bn("mff_oce.bn3.", 1024)})
+    for j in range(3):
+        keys.update(_official_bottleneck(f"mff_oce.bn_layer.{j}.", 3072 if j == 0 else 2048, 512, 2048,
+                                         "downsample" if j == 0 else None))
+    cin = 2048
+    for i, (n, cout) in enumerate(zip((3, 4, 6), (1024, 512, 256))):
+        for j in range(n):
+            keys.update(_official_bottleneck(f"net_s.layer{i + 1}.{j}.", cin, cout // 2, cout,
+                                             "upsample" if j == 0 else None))
+            cin = cout
+    c = 2048
+    keys.update({"proto.prototypes": (64, n_prototypes, c), "proto.linear_merge.0.weight": (c, 2 * c, 1, 1),
+                 "proto.linear_merge.0.bias": (c,)})
+    for head, shape in (("predictor", (c, c, 1, 1)), ("global_predictor", (c, c))):
+        for i in (0, 3):
+            keys.update({f"proto.{head}.{i}.weight": shape, f"proto.{head}.{i}.bias": (c,)})
+    return keys
+
+
+@pytest.fixture(scope="module")
+def full_size() -> BoRAD:
+    with torch.device("meta"):
+        return create("borad", backbone="wide_resnet50_2", pretrained=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")  # torch: BatchNorm counters on meta
+def test_official_keys_map_one_to_one(full_size):
+    official = official_borad_keys()
+    own = {k: tuple(v.shape) for k, v in full_size.state_dict().items()}
+    ours = {k: official_key(k) for k in official}
+    assert sorted(k for k, v in ours.items() if v is None) == sorted(k for k in official if k.startswith("predictor."))
+    placed = {v: k for k, v in ours.items() if v is not None}
+    assert len(placed) == len(official) - 6  # injective
+    assert sorted(set(placed) - set(own)) == []
+    # only the teacher's layer4 / fc are not in the official file (its timm teacher ends at layer3)
+    assert sorted(set(own) - set(placed)) == sorted(k for k in own if k.startswith(("teacher.layer4.", "teacher.fc.")))
+    assert {k: (own[k], official[o]) for k, o in placed.items() if own[k] != official[o]} == {}
+    assert all(official_key(k, reverse=True) == o for k, o in placed.items())
+    # and they load strictly (meta tensors: the key / shape checks without memory)
+    files = {k: torch.empty(s, device="meta") for k, s in official.items()}
+    net = {k: v for k, v in files.items() if not k.startswith("proto.")}
+    terms = {"cos": {}, "proto": {k.removeprefix("proto."): v for k, v in files.items() if k.startswith("proto.")}}
+    with pytest.warns(UserWarning, match=r"skipped 6 key\(s\) BoRAD has no use for \(predictor\.\*\)"):
+        assert full_size.load_official(net, loss_terms=terms) == ([], [])
+    with pytest.warns(UserWarning, match=r"skipped 30 key\(s\).*\(predictor\.\*, proj_layer_momentum\.\*\)"):
+        assert full_size.export().load_official(net) == ([], [])
+
+
+def _official_files(model: BoRAD) -> tuple[dict, dict]:
+    """``model`` written the way the official trainer writes it: ADer's ``ckpt.pth`` (weights under "net",
+    here with DDP's "module." left on) with the unused multi-scale predictor, and ``loss_terms.pth``."""
+    net, proto = {}, {}
+    for k, v in model.state_dict().items():
+        key = official_key(k, reverse=True)
+        if key.startswith("proto."):
+            proto[key.removeprefix("proto.")] = v.clone()
+        else:
+            net["module." + key] = v.clone()
+    c1 = model.projector.scales[0][0].in_channels
+    net["module.predictor.pred_a.predictor.0.weight"] = torch.randn(c1 // 2, c1, 1, 1)
+    ckpt = {"net": net, "optimizer": {"state": {}, "param_groups": []}, "epoch": 100, "iter": 500}
+    return ckpt, {"cos": {}, "proto": proto}
+
+
+def _perturbed(model: BoRAD, seed: int) -> BoRAD:
+    """Random values everywhere outside the (shared) teacher: BatchNorm statistics and affine parameters,
+    biases, and an EMA projector that differs from the online one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.startswith("teacher."):
+                continue
+            if not t.is_floating_point():
+                t.fill_(int(torch.randint(1, 100, (), generator=g)))
+            elif t.ndim == 1:
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)  # BN weight / var positive, biases arbitrary
+            elif name.startswith("target_projector."):
+                t.add_(0.1 * t.std() * torch.randn(t.shape, generator=g))
+    return model
+
+
+def official_mff_oce(sd: dict, feats: list) -> torch.Tensor:
+    """``MFF_OCE.forward`` of the official code, re-stated on its key names (BatchNorm in eval mode)."""
+    def conv(x, name, stride=1):
+        w = sd[name + ".weight"]
+        return F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2)
+
+    def bn(x, name):
+        return F.batch_norm(x, sd[name + ".running_mean"], sd[name + ".running_var"], sd[name + ".weight"],
+                            sd[name + ".bias"], training=False, eps=1e-5)
+
+    l1 = F.relu(bn(conv(F.relu(bn(conv(feats[0], "mff_oce.conv1", 2), "mff_oce.bn1")), "mff_oce.conv2", 2), "mff_oce.bn2"))
+    l2 = F.relu(bn(conv(feats[1], "mff_oce.conv3", 2), "mff_oce.bn3"))
+    x, j = torch.cat([l1, l2, feats[2]], 1), 0
+    while f"mff_oce.bn_layer.{j}.conv1.weight" in sd:
+        p = f"mff_oce.bn_layer.{j}."
+        y = F.relu(bn(conv(x, p + "conv1"), p + "bn1"))
+        y = F.relu(bn(conv(y, p + "conv2", 2 if j == 0 else 1), p + "bn2"))
+        y = bn(conv(y, p + "conv3"), p + "bn3")
+        x = F.relu(y + (bn(conv(x, p + "downsample.0", 2), p + "downsample.1") if j == 0 else x))
+        j += 1
+    return x
+
+
+def test_official_checkpoint_loads_strictly_and_gives_the_same_maps(images, tmp_path):
+    torch.manual_seed(11)
+    src = _perturbed(tiny(), 11).eval()
+    ckpt, terms = _official_files(src)
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    torch.save(terms, tmp_path / "loss_terms.pth")
+    torch.manual_seed(12)
+    dst = tiny().eval()
+    with pytest.warns(UserWarning, match=r"skipped 1 key\(s\) BoRAD has no use for \(predictor\.\*\)"):
+        assert dst.load_official(tmp_path / "ckpt.pth", loss_terms=str(tmp_path / "loss_terms.pth")) == ([], [])
+    got = dst.state_dict()
+    for k, v in src.state_dict().items():  # training-only parts included (EMA projector, bank, heads)
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+    # what the same-shaped official names are, written out (the table is read both ways above)
+    file = {k.removeprefix("module."): v for k, v in ckpt["net"].items()}
+    for name, param in {"proj_layer.proj_b.proj.3.weight": dst.projector.scales[1][3].weight,
+                        "proj_layer_momentum.proj_b.proj.3.weight": dst.target_projector.scales[1][3].weight,
+                        "mff_oce.bn_layer.0.conv2.weight": dst.bottleneck.oce[0].conv2.weight,
+                        "net_s.layer1.0.upsample.1.running_var": dst.decoder.stages[0][0].downsample[1].running_var,
+                        "net_s.layer3.0.conv2.weight": dst.decoder.stages[2][0].conv2.weight}.items():
+        torch.testing.assert_close(param, file[name], rtol=0, atol=0, msg=name)
+    for name, param in {"prototypes": dst.bank.weight, "linear_merge.0.bias": dst.merge[0].bias,
+                        "predictor.3.weight": dst.predictor[3].weight,
+                        "global_predictor.0.bias": dst.global_predictor[0].bias}.items():
+        torch.testing.assert_close(param, terms["proto"][name], rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        want = src(images)
+        torch.testing.assert_close(dst(images)["anomaly_map"], want["anomaly_map"], rtol=0, atol=0)
+        # the MFF-OCE names mean what the official forward does with them (conv2 / conv3 share a shape)
+        feats = dst.projector(dst.teacher_features(images))
+        torch.testing.assert_close(dst.bottleneck(feats), official_mff_oce(file, feats), rtol=1e-5, atol=1e-5)
+    # the inference model takes net.pth alone and skips the training-only keys, saying so
+    torch.manual_seed(13)
+    exported = tiny().export().eval()
+    with pytest.warns(UserWarning, match=r"skipped \d+ key\(s\) ReverseDistillation .*proj_layer_momentum\.\*"):
+        assert exported.load_official(ckpt["net"]) == ([], [])
+    with pytest.warns(UserWarning, match=r"\(predictor\.\*, proj_layer_momentum\.\*, proto\.\*\)"):
+        exported.load_official(ckpt, loss_terms=terms["proto"])  # a bare prototype-loss state_dict works too
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images)["anomaly_map"], want["anomaly_map"], rtol=0, atol=0)
+
+
+def test_official_checkpoint_errors_name_the_keys(tmp_path):
+    torch.manual_seed(14)
+    ckpt, terms = _official_files(tiny())
+    net = {k.removeprefix("module."): v for k, v in ckpt["net"].items()}
+    bad = dict(net)
+    bad.pop("mff_oce.bn_layer.0.conv1.weight")
+    bad["mff_oce.extra.weight"] = torch.zeros(1)
+    dst = tiny()
+    with pytest.raises(RuntimeError, match=r"missing keys: mff_oce\.bn_layer\.0\.conv1\.weight; "
+                                           r"unexpected keys: mff_oce\.extra\.weight"):
+        dst.load_official(bad, loss_terms=terms)
+    with pytest.warns(UserWarning, match="predictor"):
+        missing, unexpected = dst.load_official(bad, strict=False, loss_terms=terms)
+    assert missing == ["mff_oce.bn_layer.0.conv1.weight"] and unexpected == ["mff_oce.extra.weight"]
+    # the full model needs the loss module's file (the bank and heads); a bank of another size is named
+    with pytest.raises(RuntimeError, match=r"missing keys: proto\.prototypes, proto\.linear_merge.*pass loss_terms="):
+        dst.load_official(net)
+    with pytest.raises(RuntimeError, match=r"shape mismatches: proto\.prototypes: file \(4, 5, 224\) vs model \(4, 7, 224\)"):
+        dst.load_official(net, loss_terms={**terms["proto"], "prototypes": torch.zeros(4, 5, 224)})
+    # files load with weights_only=True; non-tensor entries are refused by name
+    from pathlib import PurePosixPath
+
+    torch.save({"net": net, "logdir": PurePosixPath("runs")}, tmp_path / "pickled.pth")
+    with pytest.raises(RuntimeError, match=r"pickled\.pth.*weights_only"):
+        dst.load_official(tmp_path / "pickled.pth")
+    with pytest.raises(TypeError, match=r"'epoch'.* not tensors"):
+        dst.export().load_official({**net, "epoch": 3})
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        dst.load_official(tmp_path / "nothing.pth")

@@ -67,6 +67,12 @@ scipy reflects); image score = max. :meth:`BoRAD.export` gives exactly that mode
 (:class:`ReverseDistillation`: ``teacher``, ``projector``, ``bottleneck``, ``decoder``); the bank,
 merge, predictors and the EMA projector are not in it nor in its state_dict.
 
+**Official checkpoints** (:meth:`ReverseDistillation.load_official`, so both models): the official run's
+``net.pth`` / ``ckpt.pth`` hold ``net_t`` (teacher), ``proj_layer`` / ``proj_layer_momentum`` (online /
+EMA projector), ``mff_oce``, ``net_s`` (decoder) and an unused multi-scale ``predictor``; the bank and
+heads are in ``loss_terms.pth`` (term ``"proto"``: ``prototypes``, ``linear_merge``, ``predictor``,
+``global_predictor``). :func:`official_key` maps the names (the test lists the official keys and shapes).
+
 **Parameter count** (WideResNet-50-2 teacher at 256 px, defaults; conv biases only in the projector
 and the 1x1 heads; InstanceNorm/LayerNorm without affine have none; the test re-states this):
 
@@ -92,6 +98,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -105,7 +112,7 @@ from fastproto.models._vit_common import IMPLS, _check_fraction, _images_from_ba
 from fastproto.ops import anomaly_map, cosine_mining_loss, image_score, route
 
 __all__ = ["MFFOCE", "BoRAD", "MultiProjection", "PrototypeBank", "ReverseDecoder", "ReverseDistillation",
-           "UpBottleneck", "orthonormal_bank"]
+           "UpBottleneck", "official_key", "orthonormal_bank"]
 
 MOMENTUM_SCHEDULES = ("cosine", "linear")
 
@@ -256,6 +263,85 @@ def _vector_head(dim: int) -> nn.Sequential:
 
 
 # ----------------------------------------------------------------------------------------------
+# official checkpoints
+# ----------------------------------------------------------------------------------------------
+# The official code (github.com/luythoangduy/BoRAD, on ADer; model "rd_lgc_byol", read in the stored
+# index) writes after every epoch <logdir>/net.pth (the model's state_dict, DDP's "module." stripped)
+# and <logdir>/ckpt.pth ({"net": the same, "optimizer": ..., "epoch": ..., ...}). Its prototype bank and
+# heads live in the loss module (PrototypeBYOLLoss, loss term "proto"), saved apart in
+# <logdir>/loss_terms.pth = {"cos": {}, "proto": its state_dict}; here such keys read "<term>.<key>".
+
+#: official key prefix -> ours (first match wins; the same table read backwards gives the inverse)
+_OFFICIAL_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("net_t.", "teacher."),  # timm wide_resnet50_2, features_only, out_indices (1, 2, 3)
+    *((f"{src}.proj_{s}.proj.", f"{dst}.scales.{i}.")
+      for src, dst in (("proj_layer", "projector"), ("proj_layer_momentum", "target_projector"))
+      for i, s in enumerate("abc")),
+    # MFF: conv1/bn1 then conv2/bn2 take t1 down twice, conv3/bn3 take t2 down once; bn_layer = OCE
+    ("mff_oce.conv1.", "bottleneck.fuse1.0.0."), ("mff_oce.bn1.", "bottleneck.fuse1.0.1."),
+    ("mff_oce.conv2.", "bottleneck.fuse1.1.0."), ("mff_oce.bn2.", "bottleneck.fuse1.1.1."),
+    ("mff_oce.conv3.", "bottleneck.fuse2.0."), ("mff_oce.bn3.", "bottleneck.fuse2.1."),
+    ("mff_oce.bn_layer.", "bottleneck.oce."),
+    # ADer's de_wide_resnet50_2: layer1 is the deepest stage; a stage's first block shortcut is "upsample"
+    *(pair for i in range(3) for pair in ((f"net_s.layer{i + 1}.0.upsample.", f"decoder.stages.{i}.0.downsample."),
+                                          (f"net_s.layer{i + 1}.", f"decoder.stages.{i}."))),
+    ("proto.prototypes", "bank.weight"), ("proto.linear_merge.", "merge."),
+    ("proto.predictor.", "predictor."), ("proto.global_predictor.", "global_predictor."),
+)
+#: official keys without a counterpart: the model's multi-scale MultiPredictorLayer (built by default,
+#: unused by the final forward)
+_OFFICIAL_UNUSED = ("predictor.",)
+#: teacher modules the official checkpoint lacks (timm's features_only teacher ends at layer3)
+_OFFICIAL_TEACHER_OMITS = ("layer4", "fc")
+
+
+def official_key(key: str, *, reverse: bool = False) -> str | None:
+    """Official BoRAD checkpoint key (loss-module keys as ``"proto.<key>"``) -> ours; with ``reverse``,
+    ours -> official. ``None`` when no rule covers the key (e.g. the official unused predictor)."""
+    for official, ours in _OFFICIAL_PREFIXES:
+        src, dst = (ours, official) if reverse else (official, ours)
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+def _read_official(checkpoint: Any, loss_terms: Any) -> tuple[dict[str, Tensor], str]:
+    """The official keys of a run's ``net.pth`` / ``ckpt.pth`` (or such a mapping) plus, if given, its
+    ``loss_terms.pth`` as ``"<term>.<key>"``; and a name for the errors. Files load with weights_only."""
+    from fastproto.engine.checkpoint import read_checkpoint
+
+    def mapping(obj: Any, what: str) -> tuple[dict, str]:
+        if isinstance(obj, Mapping):
+            return dict(obj), what
+        name, obj = f"{what} {str(obj)!r}", read_checkpoint(obj)
+        if not isinstance(obj, Mapping):
+            raise TypeError(f"{name} holds a {type(obj).__name__}, not a state_dict")
+        return dict(obj), name
+
+    net, source = mapping(checkpoint, "official BoRAD checkpoint")
+    if isinstance(net.get("net"), Mapping):  # ADer's ckpt.pth
+        net = dict(net["net"])
+    state = {k.removeprefix("module."): v for k, v in net.items()}
+    if loss_terms is not None:
+        terms, where = mapping(loss_terms, "loss terms")
+        if all(isinstance(v, Tensor) for v in terms.values()):  # one term's state_dict: the prototype loss
+            terms = {"proto": terms}
+        for name, term in terms.items():
+            if not isinstance(term, Mapping):
+                raise TypeError(f"{where}: entry {name!r} is a {type(term).__name__}, not a loss term's state_dict")
+            state.update({f"{name}.{k}": v for k, v in term.items()})
+        source = f"{source} + {where}"
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(f"{source} is not a state_dict: {', '.join(map(repr, bad[:4]))} are not tensors")
+    return state, source
+
+
+def _head(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------------------
 
@@ -326,6 +412,65 @@ class ReverseDistillation(nn.Module):
         _, s = self.student(t)
         amap = self.anomaly_map_from_features(t, s, tuple(images.shape[-2:]))
         return {"anomaly_map": amap, "score": image_score(amap, "max")}
+
+    def load_official(self, checkpoint: Any, strict: bool = True, *, loss_terms: Any = None
+                      ) -> tuple[list[str], list[str]]:
+        """Load the weights of an official BoRAD run (github.com/luythoangduy/BoRAD, ADer-based).
+
+        Args:
+            checkpoint: the run's ``net.pth`` (the model's state_dict) or ``ckpt.pth`` (ADer's wrapper,
+                weights under ``"net"``; it also pickles the metric history, so ``net.pth`` is the safer
+                file), or such a mapping. Files are read with ``weights_only=True``; ``module.`` is stripped.
+            strict: raise on missing / unexpected / mis-shaped keys, naming them (official names);
+                otherwise load what matches.
+            loss_terms: the run's ``loss_terms.pth`` (``{"cos": {}, "proto": ...}``) or the prototype
+                loss's state_dict: the bank, merge and predictors, which the official code keeps in its
+                loss module. The full :class:`BoRAD` needs it (strict); the inference model does not.
+
+        Keys the model has no use for are skipped with a warning: the training-only parts (EMA projector,
+        loss module) in the inference model, and the official model's multi-scale predictor, which its
+        final forward never calls. The teacher's ``layer4`` / ``fc`` are not in the official file (timm
+        ``features_only`` teacher ending at ``layer3``) and keep their values.
+
+        Verified against the stored official code: model and trainer of the repository's later versions
+        (BatchNorm MFF-OCE, plain projector, ``use_predictor=True``), the loss module of the paper's version
+        (bank, linear_merge, predictor, global_predictor). Snapshots with another layout -- InstanceNorm /
+        positional-norm MFF-OCE, the depthwise projector (``dp=True``), the final PORL loss module
+        (prototypes and predictor only; ``strict=False`` loads those) -- fail with the keys named.
+
+        Returns ``(missing, unexpected)``: official keys the model needs but did not get (absent or
+        mis-shaped), and keys of the file it cannot place; both empty when ``strict``.
+        """
+        official, source = _read_official(checkpoint, loss_terms)
+        own = self.state_dict()
+        state, ignored, unexpected = {}, [], []
+        for key, value in official.items():
+            ours = official_key(key)
+            if ours in own:
+                state[ours] = value
+            elif key.startswith(_OFFICIAL_UNUSED) or (ours and ours.split(".", 1)[0] in BoRAD.TRAINING_ONLY):
+                ignored.append(key)
+            else:
+                unexpected.append(key)
+        kept = tuple(f"teacher.{m}." for m in _OFFICIAL_TEACHER_OMITS if m not in self.taps)
+        missing = [official_key(k, reverse=True) for k in own if k not in state and not k.startswith(kept)]
+        shapes = {k: f"{official_key(k, reverse=True)}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if v.shape != own[k].shape}
+        if strict and (missing or unexpected or shapes):
+            parts = [f"{what}: {_head(items)}" for what, items in (
+                ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", list(shapes.values())))
+                if items]
+            hint = ""
+            if loss_terms is None and any(k.startswith("proto.") for k in missing):
+                hint = (" (the official trainer keeps the bank and heads in loss_terms.pth beside net.pth: pass "
+                        "loss_terms=, or load into model.export() for inference)")
+            raise RuntimeError(f"{source} does not match {type(self).__name__}: " + "; ".join(parts) + hint)
+        self.load_state_dict({k: v for k, v in state.items() if k not in shapes}, strict=False)
+        if ignored:
+            groups = sorted({k.split(".", 1)[0] + ".*" for k in ignored})
+            warnings.warn(f"{source}: skipped {len(ignored)} key(s) {type(self).__name__} has no use for "
+                          f"({', '.join(groups)})", stacklevel=2)
+        return missing + [official_key(k, reverse=True) for k in shapes], unexpected
 
     def extra_repr(self) -> str:
         return f"taps={self.taps}, sigma={self.sigma}, kernel_size={self.kernel_size}, impl={self.impl!r}"
