@@ -235,3 +235,38 @@ def test_one_training_batch_from_the_synthetic_rgbd_dataset(encoder, tmp_path):
     with torch.no_grad():
         pred = model.eval()(batch)
     assert pred["anomaly_map"].shape == (2, SIDE, SIDE)
+
+
+@pytest.mark.parametrize("decoder_input", uipad.DECODER_INPUTS)
+def test_decoders_start_from_the_configured_tokens(encoder, decoder_input, monkeypatch):
+    model = tiny(encoder, seed=11, decoder_input=decoder_input).eval()
+    seen = {}
+    decode = type(model).decode_modality
+
+    def record(self, modality, x, prototypes):
+        seen[modality] = x
+        return decode(self, modality, x, prototypes)
+
+    monkeypatch.setattr(type(model), "decode_modality", record)
+    rgb, depth = pair(11)
+    with torch.no_grad():
+        _, _, extras = model.features(rgb, depth)
+    fused, unified = extras["fused"], extras["unified"]
+    expected = {"own": {"rgb": fused["rgb"], "depth": fused["depth"]},
+                "cross": {"rgb": fused["depth"], "depth": fused["rgb"]},
+                "unified": {"rgb": unified, "depth": unified}}[decoder_input]
+    for m in ("rgb", "depth"):
+        torch.testing.assert_close(seen[m], expected[m], rtol=0, atol=0)
+    assert not torch.equal(fused["rgb"], fused["depth"])  # the check above tells the sources apart
+    # one modality: its own tokens whatever the setting (there is no other stream)
+    single = tiny(encoder, seed=11, mode="depth", decoder_input=decoder_input).eval()
+    seen.clear()
+    with torch.no_grad():
+        _, _, extras = single.features(None, depth)
+    expected_single = extras["unified"] if decoder_input == "unified" else extras["fused"]["depth"]
+    torch.testing.assert_close(seen["depth"], expected_single, rtol=0, atol=0)
+
+
+def test_decoder_input_is_validated(encoder):
+    with pytest.raises(ValueError, match="decoder_input must be one of"):
+        models.create("uipad", backbone=encoder, decoder_input="rgb", **TINY)

@@ -9,7 +9,15 @@ No public code; the method is re-stated from the abstract and DESIGN.md, unstate
 * **Unified feature**: ``F_u = MLP(concat(F_rgb, F_3d))`` per token (``Mlp(2C, 2C, C)``; hidden width *choice*).
 * **Unified intrinsic prototypes**: ``M = 12`` learnable tokens cross-attend to ``F_u`` (softmax, SDPA) with
   residual + FFN (one INP-Former ``aggregation`` block) -> per-image ``P [B, M, C]``.
-* **Shared bottleneck** ``Mlp(C, 4C, C)`` applied to each modality's ``F_m``.
+* **Shared bottleneck** ``Mlp(C, 4C, C)`` applied to each decoder's input tokens.
+* **Decoder input** (``decoder_input``, *choice*; the abstract says only that the parallel decoders reconstruct
+  "under UIP guidance enforcing cross-modal consistency"): ``"cross"`` (default) starts the RGB decoder from the
+  depth tokens and the depth decoder from the RGB tokens, so each modality is *predicted* from the other one and
+  the unified prototypes (cross-modal feature mapping, as CFM); a colour / shape pairing never seen in training
+  is then a reconstruction error in both maps. ``"own"`` starts each decoder from its own tokens (the residual
+  stream can carry them straight through, so a pairing that is locally normal in each modality is missed);
+  ``"unified"`` starts both from ``F_u``. A single-modality mode always uses its own tokens (``"unified"``: the
+  fusion MLP of its one stream).
 * **Two decoders** (RGB, depth), each of 8 bidirectional blocks (:class:`BidirectionalBlock`, pre-norm):
   ``F' = F + Attn(F, P, P)`` (tokens -> prototypes, :func:`fastproto.ops.prototype_attention`
   ``kind="softmax"``), ``F' = F' + FFN(F')``, ``P' = P + Attn(P, F', F')`` (prototypes -> tokens, SDPA),
@@ -67,10 +75,11 @@ from fastproto.models._vit_common import (
 from fastproto.models.dpdiff import PrototypeCrossAttention
 from fastproto.ops import image_score, route
 
-__all__ = ["MODES", "UIPAD", "BidirectionalBlock"]
+__all__ = ["DECODER_INPUTS", "MODES", "UIPAD", "BidirectionalBlock"]
 
 MODES: dict[str, tuple[str, ...]] = {"rgbd": ("rgb", "depth"), "rgb": ("rgb",), "depth": ("depth",)}
 _BATCH_KEYS = {"rgb": "image", "depth": "depth"}
+DECODER_INPUTS = ("cross", "own", "unified")
 
 
 class BidirectionalBlock(nn.Module):
@@ -135,6 +144,8 @@ class UIPAD(ViTADModel):
         tau: softmax temperature of the prototype assignment (0.1).
         gamma: soft-mining exponent of the reconstruction loss (3).
         proto_weight, assign_weight, usage_weight: weights of ``L_s`` (0.2), ``L_a`` (0.1), ``L_p`` (0.05).
+        decoder_input: ``"cross"`` (default), ``"own"`` or ``"unified"`` (:data:`DECODER_INPUTS`; see the module
+            docstring).
         **kwargs: common options of :class:`~fastproto.models._vit_common.ViTADModel` (``layers``, ``groups``,
             ``output_size``, ``sigma``, ``kernel_size``, ``score_rule``, ...).
     """
@@ -150,10 +161,13 @@ class UIPAD(ViTADModel):
                  num_blocks: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0,
                  bottleneck_ratio: float = 4.0, fusion_ratio: float = 2.0, dropout: float = 0.0, tau: float = 0.1,
                  gamma: float = 3.0, proto_weight: float = 0.2, assign_weight: float = 0.1,
-                 usage_weight: float = 0.05, **kwargs: Any):
+                 usage_weight: float = 0.05, decoder_input: str = "cross", **kwargs: Any):
         super().__init__(encoder, **kwargs)
         if mode not in MODES:
             raise ValueError(f"UIPAD: mode must be one of {list(MODES)}, got {mode!r}")
+        if decoder_input not in DECODER_INPUTS:
+            raise ValueError(f"UIPAD: decoder_input must be one of {DECODER_INPUTS}, got {decoder_input!r}")
+        self.decoder_input = decoder_input
         if num_prototypes < 1:
             raise ValueError(f"UIPAD: num_prototypes must be >= 1, got {num_prototypes}")
         if not tau > 0:
@@ -223,8 +237,16 @@ class UIPAD(ViTADModel):
             p = blk(p, unified)
         return p
 
+    def decoder_source(self, modality: str, fused: dict[str, Tensor], unified: Tensor) -> Tensor:
+        """The tokens the decoder of ``modality`` starts from (:attr:`decoder_input`; one modality: its own)."""
+        if self.decoder_input == "unified":
+            return unified
+        if self.decoder_input == "cross" and len(self.modalities) == 2:
+            return fused[next(m for m in self.modalities if m != modality)]
+        return fused[modality]
+
     def decode_modality(self, modality: str, x: Tensor, prototypes: Tensor) -> list[Tensor]:
-        """Decoder block outputs (block order) of ``modality`` for its tokens ``x`` and the shared prototypes."""
+        """Decoder block outputs (block order) of ``modality`` for the tokens ``x`` and the shared prototypes."""
         h, p = self.bottleneck[0](x), prototypes
         outs = []
         for blk in self.decoders[modality]:
@@ -251,7 +273,7 @@ class UIPAD(ViTADModel):
         protos = self.prototypes(unified)
         en, de = {}, {}
         for m in mods:
-            outs = self.decode_modality(m, fused[m], protos)[::-1]
+            outs = self.decode_modality(m, self.decoder_source(m, fused, unified), protos)[::-1]
             en[m] = [tokens_to_map(fuse([per_mod[m][i] for i in g]), 0, grid) for g in self.groups]
             de[m] = [tokens_to_map(fuse([outs[i] for i in g]), 0, grid) for g in self.groups]
         return en, de, {"prototypes": protos, "fused": fused, "unified": unified}
@@ -295,7 +317,7 @@ class UIPAD(ViTADModel):
                 "usage": l_p.detach(), "agreement": agreement.detach()}
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, layers={self.layers}, groups={self.groups}, "
+        return (f"mode={self.mode!r}, decoder_input={self.decoder_input!r}, layers={self.layers}, groups={self.groups}, "
                 f"prototypes={self.prototype_token.shape[0]}, blocks={self.num_blocks}, tau={self.tau}, "
                 f"output_size={self.output_size}, sigma={self.sigma}, score_rule={self.score_rule!r}, "
                 f"impl={self.impl!r}")
