@@ -17,7 +17,9 @@ No public code; the method is re-stated from the abstract and DESIGN.md, unstate
   is then a reconstruction error in both maps. ``"own"`` starts each decoder from its own tokens (the residual
   stream can carry them straight through, so a pairing that is locally normal in each modality is missed);
   ``"unified"`` starts both from ``F_u``. A single-modality mode always uses its own tokens (``"unified"``: the
-  fusion MLP of its one stream).
+  fusion MLP of its one stream). Measured on the synthetic RGB-D set (``bench/rgbd_modes.py``, bench/RESULTS.md):
+  with ``"cross"`` the RGB-D model catches the colour / shape swaps (image AUROC 95.0) that its RGB-only (31.2)
+  and depth-only (43.8) runs miss.
 * **Two decoders** (RGB, depth), each of 8 bidirectional blocks (:class:`BidirectionalBlock`, pre-norm):
   ``F' = F + Attn(F, P, P)`` (tokens -> prototypes, :func:`fastproto.ops.prototype_attention`
   ``kind="softmax"``), ``F' = F' + FFN(F')``, ``P' = P + Attn(P, F', F')`` (prototypes -> tokens, SDPA),
