@@ -73,6 +73,19 @@ def matmul_route_nearest(x, p):
     return d, i
 
 
+def matmul_route_soft(x, p, tau):
+    """Soft routing as UIP-AD writes it: normalised matmul, softmax, weighted prototypes."""
+    w = torch.softmax(F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).transpose(-2, -1) / tau, dim=-1)
+    return w @ p, w
+
+
+def bmm_route_linear_per_location(x, p):
+    """BoRAD's linear routing ``(x Pᵀ) P`` with a per-location bank [N, M, C] as batched matmuls over
+    the locations."""
+    xl = x.transpose(0, 1)  # [N, B, C]
+    return torch.bmm(torch.bmm(xl, p.transpose(1, 2)), p).transpose(0, 1)
+
+
 def eager_log_sinkhorn(cost, eps, n_iters):
     """A plain log-domain Sinkhorn loop in PyTorch (uniform marginals, fixed iterations)."""
     B, N, K = cost.shape
@@ -172,6 +185,34 @@ def cases(device, dtype, B, quick) -> List[Case]:
              "reference": lambda x, p: ref_proto.route(x, p, mode="nearest"),
              "normalised matmul + min": matmul_route_nearest},
             ["x", "p"], floor_fwd=fwd, floor_bwd=fwd + 2 * _nbytes(xs, dtype) + 2 * _nbytes(ps, dtype)))
+
+    # soft routing (UIP-AD's target: per-sample bank of 12, tau 0.1) and linear routing (BoRAD: per-location
+    # bank, 64 locations x 7 prototypes x 2048 channels). With gradients and M < 64, impl="auto" takes the
+    # reference (the rule measured for nearest), so on CUDA the Triton path is also timed forced.
+    forced = {"fastproto (impl='triton')"} if dev.type == "cuda" else set()
+    xs, ps = (B, 789, DIM), (B, 12, DIM)
+    w_bytes = _nbytes((B, 789, 12), dtype)
+    fwd = 2 * _nbytes(xs, dtype) + _nbytes(ps, dtype) + w_bytes + B * 789 * 4
+    soft = {"fastproto": lambda x, p: ops.route(x, p, mode="soft", tau=0.1),
+            **{k: lambda x, p: ops.route(x, p, mode="soft", tau=0.1, impl="triton") for k in forced},
+            "reference": lambda x, p: ref_proto.route(x, p, mode="soft", tau=0.1),
+            "normalised matmul + softmax": lambda x, p: matmul_route_soft(x, p, 0.1)}
+    out.append(Case(
+        "route (soft)", f"B={B} N=789 C={DIM} M=12 per-sample tau=0.1",
+        lambda xs=xs, ps=ps: {"x": rand(*xs), "p": rand(*ps)}, soft,
+        ["x", "p"], floor_fwd=fwd, floor_bwd=fwd + 3 * _nbytes(xs, dtype) + 2 * _nbytes(ps, dtype),
+        fused=("fastproto", *forced)))
+    xs, ps = (B, 64, 2048), (64, 7, 2048)
+    fwd = 2 * _nbytes(xs, dtype) + _nbytes(ps, dtype)
+    linear = {"fastproto": lambda x, p: ops.route(x, p, mode="linear", per_location=True),
+              **{k: lambda x, p: ops.route(x, p, mode="linear", per_location=True, impl="triton") for k in forced},
+              "reference": lambda x, p: ref_proto.route(x, p, mode="linear", per_location=True),
+              "batched matmul over locations": bmm_route_linear_per_location}
+    out.append(Case(
+        "route (linear)", f"B={B} L=64 C=2048 M=7 per-location",
+        lambda xs=xs, ps=ps: {"x": rand(*xs), "p": rand(*ps, scale=2048 ** -0.5)}, linear,
+        ["x", "p"], floor_fwd=fwd, floor_bwd=fwd + 3 * _nbytes(xs, dtype) + 2 * _nbytes(ps, dtype),
+        fused=("fastproto", *forced)))
 
     # 4. cosine mining loss: two groups of [B, 768, 28, 28] (INP-Former / Pro-AD soft, Dinomaly hard)
     fs = (B, DIM, 28, 28)

@@ -7,6 +7,9 @@
 - Triton forward + analytic backward vs the reference under the Triton interpreter, in a subprocess
   with TRITON_INTERPRET=1 set before triton is imported (this file is the subprocess script) and
   every output the Triton path allocates poisoned with NaN;
+- every ``route`` mode x bank layout (shared, per-sample, per-location) x dtype through the Triton
+  kernels under the interpreter, values and gradients of x and the bank vs the float64 reference
+  (M = 1, several prototype tiles, sizes off the blocks, strided inputs, NaN tokens);
 - ``PrototypeAttention`` vs a re-statement of INP-Former's ``Prototype_Attention`` (same weights,
   same state_dict keys);
 - GPU tests at real shapes (``@pytest.mark.gpu``; skipped without CUDA).
@@ -286,6 +289,9 @@ def test_route_reference_gradcheck(mode, bank, seed):
     (lambda: route(torch.randn(2, 4, 8), torch.randn(3, 8), mode="soft", tau=0.0), ValueError, "tau"),
     (lambda: route(torch.randn(2, 4, 8), torch.randn(3, 8).double()), TypeError, "prototypes has dtype"),
     (lambda: route(torch.randn(2, 4, 8).long(), torch.randn(3, 8)), TypeError, "x must be float"),
+    (lambda: route(torch.randn(2, 4, 8), torch.randn(3, 8), mode="soft", impl="triton"), RuntimeError, "CUDA|triton"),
+    (lambda: route(torch.randn(2, 4, 8), torch.randn(4, 3, 8), mode="linear", per_location=True, impl="triton"),
+     RuntimeError, "CUDA|triton"),
 ])
 def test_errors(call, exc, match):
     if match == "CUDA|triton" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -364,16 +370,34 @@ ROUTE_CASES = [  # (B, N, M, C, bank, dtype, strided)
     (1, 50, 150, 70, "shared", "float32", True),  # several prototype and channel blocks
     (2, 33, 9, 16, "batch", "bfloat16", False),
 ]
+ROUTE_MODE_CASES = [  # (mode, B, N, M, C, bank, dtype, strided); M > 64 spans several prototype tiles
+    ("soft", 2, 37, 1, 16, "shared", "float32", False),
+    ("soft", 2, 33, 12, 24, "batch", "float32", True),  # UIP-AD: per-sample bank of 12
+    ("soft", 3, 7, 5, 40, "location", "bfloat16", True),
+    ("soft", 1, 21, 70, 19, "shared", "float16", True),
+    ("soft", 2, 9, 67, 33, "location", "float32", True),
+    ("soft", 2, 17, 3, 20, "batch", "bfloat16", False),
+    ("linear", 2, 37, 1, 16, "batch", "float32", False),
+    ("linear", 5, 8, 7, 72, "location", "float32", True),  # BoRAD: per-location bank of 7
+    ("linear", 2, 30, 9, 24, "shared", "bfloat16", True),
+    ("linear", 1, 40, 66, 20, "batch", "float32", True),
+    ("linear", 3, 6, 70, 17, "location", "float16", False),
+    ("linear", 2, 15, 1, 33, "shared", "float16", True),
+    ("nearest", 3, 11, 9, 24, "location", "float32", True),
+    ("nearest", 2, 9, 70, 20, "location", "bfloat16", False),
+]
 
 
 def _interpreter_main(seed: int) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     tm = importlib.import_module("fastproto.triton.prototype")
+    tr = importlib.import_module("fastproto.triton.route")
     _triton_pkg.POISON_OUTPUTS = True
     from triton.runtime.interpreter import InterpretedFunction
 
-    res = {"_interpreted": all(isinstance(k, InterpretedFunction)
-                               for k in (tm._proto_attn_fwd_kernel, tm._route_nearest_kernel))}
+    kernels = (tm._proto_attn_fwd_kernel, tm._proto_attn_bwd_kernel, tr._route_nearest_kernel,
+               tr._route_soft_fwd_kernel, tr._route_soft_bwd_kernel, tr._route_linear_kernel)
+    res = {"_interpreted": all(isinstance(k, InterpretedFunction) for k in kernels)}
     for i, (kind, B, H, N, M, D, DV, shared, dt, strided) in enumerate(ATTN_CASES):
         name = f"attn{i}"
         try:
@@ -437,11 +461,74 @@ def _interpreter_main(seed: int) -> None:
     except RuntimeError as exc:
         res["_m65"] = str(exc)
     try:
-        route(torch.randn(2, 4, 8), torch.randn(3, 8), mode="soft", impl="triton")
-        res["_soft"] = "accepted"
+        route(torch.randn(2, 4, 8).double(), torch.randn(3, 8).double(), mode="soft", impl="triton")
+        res["_float64"] = "accepted"
     except RuntimeError as exc:
-        res["_soft"] = str(exc)
+        res["_float64"] = str(exc)
+    _route_mode_cases(seed, res)
     _interpreter.emit(res)
+
+
+def _route_mode_cases(seed: int, res: dict) -> None:
+    """``ROUTE_MODE_CASES`` and the soft/linear special cases (interpreter child process): Triton
+    values and gradients (x and bank, random upstream gradients) vs the float64 reference."""
+    for i, (mode, B, N, M, C, bank, dt, strided) in enumerate(ROUTE_MODE_CASES):
+        name = f"mode{i}"
+        try:
+            gen = torch.Generator().manual_seed(seed + 200 + i)
+            dtype = getattr(torch, dt)
+            loc = bank == "location"
+            x = _t(gen, (B, N, C), dtype, strided).requires_grad_()
+            p = _t(gen, {"shared": (M, C), "batch": (B, M, C), "location": (N, M, C)}[bank], dtype,
+                   strided and M > 1).requires_grad_()
+            tau = 0.1 if i % 2 else 0.7
+            got = route(x, p, mode=mode, tau=tau, per_location=loc, impl="triton")
+            xd, pd = x.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+            want = route(xd, pd, mode=mode, tau=tau, per_location=loc, impl="reference")
+            got = got if isinstance(got, tuple) else (got,)
+            want = want if isinstance(want, tuple) else (want,)
+            if mode == "nearest":  # the index is not differentiable
+                got, want, idx = got[:1], want[:1], got[1]
+            elif mode == "soft" and i % 3 == 0:  # the weights unused: no weight gradient reaches the kernel
+                got, want = got[:1], want[:1]
+            gs = [torch.randn(o.shape, generator=gen).to(dtype) for o in got]
+            gg = torch.autograd.grad(got, [x, p], gs)
+            gw = torch.autograd.grad(want, [xd, pd], [g.double() for g in gs])
+            res[name] = {"dtype_ok": all(o.dtype == dtype for o in got + gg),
+                         "finite": all(bool(torch.isfinite(t).all()) for t in got + gg),
+                         "err": max(_rel(a, b) for a, b in zip(got, want)),
+                         "gerr": max(_rel(a, b) for a, b in zip(gg, gw)), "dt": dt}
+            if mode == "nearest" and dt == "float32":
+                res[name]["idx_ok"] = _argmin_ok(idx, xd.detach(), pd.detach(), per_location=True)
+        except Exception as exc:
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    gen = torch.Generator().manual_seed(seed + 300)
+    x, p = _t(gen, (2, 9, 12)), _t(gen, (2, 4, 12))
+    # NaN in a token: its row of every output is NaN, every other row finite
+    xn = x.clone()
+    xn[1, 3, 5] = float("nan")
+    rows = torch.ones(2, 9, dtype=torch.bool)
+    rows[1, 3] = False
+    bank_loc = _t(gen, (9, 3, 12))
+    outs = [*route(xn, p, mode="soft", impl="triton"), route(xn, p, mode="linear", impl="triton"),
+            route(xn, p[0], mode="soft", impl="triton")[0],
+            route(xn, bank_loc, mode="linear", per_location=True, impl="triton"),
+            route(xn, bank_loc, mode="nearest", per_location=True, impl="triton")[0]]
+    res["_nan"] = all(bool(torch.isnan(o[1, 3]).all() and torch.isfinite(o[rows]).all()) for o in outs)
+    # gradient through the weights only, and a strided (expanded) upstream gradient; a bank without grad
+    xg, pg = x.clone().requires_grad_(), p.clone()
+    xd = x.double().requires_grad_()
+    cases = {}
+    w = route(xg, pg, mode="soft", tau=0.2, impl="triton")[1]
+    wd = route(xd, pg.double(), mode="soft", tau=0.2, impl="reference")[1]
+    gw = torch.randn(w.shape, generator=gen)
+    cases["weights_only"] = (torch.autograd.grad(w, xg, gw)[0], torch.autograd.grad(wd, xd, gw.double())[0])
+    for mode in ("soft", "linear"):
+        o = route(xg, pg, mode=mode, tau=0.2, impl="triton")
+        od = route(xd, pg.double(), mode=mode, tau=0.2, impl="reference")
+        o, od = (o[0], od[0]) if mode == "soft" else (o, od)
+        cases[f"expanded_{mode}"] = (torch.autograd.grad(o.sum(), xg)[0], torch.autograd.grad(od.sum(), xd)[0])
+    res["_grad_paths"] = {k: (_rel(a, b), bool(torch.isfinite(a).all())) for k, (a, b) in cases.items()}
 
 
 interpreter_results = _interpreter.results_fixture(__file__)
@@ -468,7 +555,28 @@ def test_triton_interpreter_ties_nan_and_unsupported(interpreter_results):
     seed, res = interpreter_results
     assert res["_ties"] and res["_nan_proto"] and res["_nan_attn"], f"seed={seed}"
     assert "M=65" in res["_m65"], res["_m65"]
-    assert "soft" in res["_soft"], res["_soft"]
+    assert "float64" in res["_float64"], res["_float64"]
+
+
+@pytest.mark.parametrize("name", [f"mode{i}" for i in range(len(ROUTE_MODE_CASES))])
+def test_triton_interpreter_route_modes_match_float64(name, interpreter_results):
+    """soft / linear (and per-location nearest) kernels, forward and backward, vs the float64 reference."""
+    seed, res = interpreter_results
+    e = res[name]
+    case = ROUTE_MODE_CASES[int(name[4:])]
+    assert "error" not in e, f"{name} {case}: {e.get('error')} (seed={seed})"
+    assert e["dtype_ok"] and e["finite"], f"{name} {case}: dtype or unwritten (NaN-poisoned) output (seed={seed})"
+    assert e.get("idx_ok", True), f"{name} {case}: argmin differs (seed={seed})"
+    tol = 1e-5 if e["dt"] == "float32" else 1e-2
+    assert e["err"] <= tol, f"{name} {case}: forward rel err {e['err']:.2e} (seed={seed})"
+    assert e["gerr"] <= tol, f"{name} {case}: backward rel err {e['gerr']:.2e} (seed={seed})"
+
+
+def test_triton_interpreter_route_nan_and_gradient_paths(interpreter_results):
+    seed, res = interpreter_results
+    assert res["_nan"], f"a NaN token must give NaN in its row only (seed={seed})"
+    for path, (err, finite) in res["_grad_paths"].items():
+        assert finite and err <= 1e-5, f"{path}: rel err {err:.2e}, finite={finite} (seed={seed})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,6 +640,41 @@ def test_gpu_route_nearest_real_shapes(M, dtype, seed):
     assert _rel(d.cpu(), dr.cpu()) <= (1e-5 if dtype == torch.float32 else 1e-2)
     if dtype == torch.float32:
         assert _argmin_ok(idx.cpu(), x.double().cpu(), p.double().cpu())
+
+
+GPU_ROUTE_CASES = {  # name: (mode, x shape, bank shape, per_location)
+    "uipad_soft": ("soft", (16, 784, 768), (16, 12, 768), False),
+    "borad_linear": ("linear", (16, 64, 2048), (64, 7, 2048), True),
+    "soft_789_shared": ("soft", (4, 789, 768), (789, 768), False),  # several prototype tiles
+    "linear_789_per_sample": ("linear", (4, 789, 768), (4, 789, 768), False),
+    "nearest_per_location": ("nearest", (16, 64, 2048), (64, 7, 2048), True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(GPU_ROUTE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_route_modes_real_shapes(name, dtype, seed):
+    """UIP-AD's soft and BoRAD's linear routing at their shapes, and Pro-AD-sized banks: Triton forward
+    and backward vs the reference."""
+    _gpu_ready()
+    mode, xs, ps, loc = GPU_ROUTE_CASES[name]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(*xs, device="cuda", generator=gen).to(dtype).requires_grad_()
+    p = torch.randn(*ps, device="cuda", generator=gen).to(dtype).requires_grad_()
+    got = route(x, p, mode=mode, tau=0.1, per_location=loc, impl="triton")
+    want = route(x, p, mode=mode, tau=0.1, per_location=loc, impl="reference")
+    got = got[:1] if mode == "nearest" else (got if isinstance(got, tuple) else (got,))
+    want = want[:1] if mode == "nearest" else (want if isinstance(want, tuple) else (want,))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(got, want):
+        assert _rel(a.cpu(), b.cpu()) <= tol, f"{name} seed={seed}"
+    if mode == "nearest":  # its gradient follows the argmin, which a float32 near-tie may flip
+        return
+    gs = [torch.randn_like(o) for o in got]
+    for a, b in zip(torch.autograd.grad(got, [x, p], gs), torch.autograd.grad(want, [x, p], gs)):
+        assert _rel(a.cpu(), b.cpu()) <= tol, f"{name} seed={seed}"
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":

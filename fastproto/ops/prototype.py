@@ -6,11 +6,11 @@
   and shapes: ``learn_scale`` [H, 1, 1], ``q``, ``kv``, ``proj``), returning ``(out, attn)``.
 * :func:`route` — nearest / soft / linear routing of tokens to prototypes.
 
-The maths lives in :mod:`fastproto.reference.prototype`. Triton (:mod:`fastproto.triton.prototype`)
-covers ``prototype_attention`` forward and backward (M <= 64, D, Dv <= 256) and the forward of
-``route(mode="nearest")`` with shared or per-sample banks (its backward, through the selected prototype
-only, is written in PyTorch below: O(B N C), no [B, N, M] matrix). ``soft``/``linear`` routing and
-per-location banks use the reference.
+The maths lives in :mod:`fastproto.reference.prototype`. Triton covers ``prototype_attention`` forward
+and backward (M <= 64, D, Dv <= 256; :mod:`fastproto.triton.prototype`) and every ``route`` mode and bank
+layout (:mod:`fastproto.triton.route`): streaming over the prototypes, no [B, N, M] intermediate except
+``soft``'s returned weights; analytic backward kernels for ``soft`` and ``linear``; ``nearest``'s backward,
+through the selected prototype only, is written in PyTorch below (O(B N C)).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fastproto.ops._dispatch import device_guard, resolve_impl
 
@@ -36,6 +37,10 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _triton_module():
     return importlib.import_module("fastproto.triton.prototype")
+
+
+def _route_module():
+    return importlib.import_module("fastproto.triton.route")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,9 +96,10 @@ class _RouteNearestFn(torch.autograd.Function):
     prototype only (O(B N C), the [B, N, M] matrix is not rebuilt)."""
 
     @staticmethod
-    def forward(ctx, x, p):
-        dist, idx = _triton_module().route_nearest(x, p)
+    def forward(ctx, x, p, per_location):
+        dist, idx = _route_module().route_nearest(x, p, per_location)
         ctx.save_for_backward(x, p, idx)
+        ctx.per_location = per_location
         ctx.mark_non_differentiable(idx)
         return dist.to(x.dtype), idx
 
@@ -104,10 +110,16 @@ class _RouteNearestFn(torch.autograd.Function):
         eps = _ref.COS_EPS
         xf, pf = x.to(cd), p.to(cd)
         B, N, C = x.shape
+        # the selected prototype of every token, [B, N, C]; a per-location bank is indexed [N, B]
         if pf.dim() == 2:
-            sel = pf[idx]  # [B, N, C]
+            index = None
+            sel = pf[idx]
+        elif ctx.per_location:
+            index = idx.t().unsqueeze(-1).expand(N, B, C)
+            sel = torch.gather(pf, 1, index).transpose(0, 1)
         else:
-            sel = torch.gather(pf, 1, idx.unsqueeze(-1).expand(B, N, C))
+            index = idx.unsqueeze(-1).expand(B, N, C)
+            sel = torch.gather(pf, 1, index)
         xn, xnorm = _normalize_fwd(xf, eps)
         pn, pnorm = _normalize_fwd(sel, eps)
         g = -ddist.to(cd).unsqueeze(-1)  # d(1 - cos) = -d cos
@@ -119,9 +131,53 @@ class _RouteNearestFn(torch.autograd.Function):
             if pf.dim() == 2:
                 dp.index_add_(0, idx.reshape(-1), dsel.reshape(-1, C))
             else:
-                dp.scatter_add_(1, idx.unsqueeze(-1).expand(B, N, C), dsel)
+                dp.scatter_add_(1, index, dsel.transpose(0, 1) if ctx.per_location else dsel)
             dp = dp.to(p.dtype)
-        return dx.to(x.dtype), dp
+        return dx.to(x.dtype), dp, None
+
+
+class _RouteSoftFn(torch.autograd.Function):
+    """Triton forward (softmax streamed over prototype tiles; keeps the [B, N] log-normaliser) and
+    Triton analytic backward (recomputes the cosines; reads neither the weights nor any [B, N, M])."""
+
+    @staticmethod
+    def forward(ctx, x, p, tau, per_location):
+        out, w, lse = _route_module().route_soft(x, p, tau, per_location)
+        ctx.save_for_backward(x, p, lse)
+        ctx.tau, ctx.per_location = tau, per_location
+        ctx.set_materialize_grads(False)  # an unused weights output costs no [B, N, M] zeros
+        return out, w
+
+    @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable themselves
+    def backward(ctx, dout, dw):
+        if dout is None and dw is None:
+            return None, None, None, None
+        x, p, lse = ctx.saved_tensors
+        if dout is None:  # only the weights were used
+            dout = torch.zeros_like(x)
+        dx, dp = _route_module().route_soft_backward(x, p, lse, dout, dw, ctx.tau, ctx.per_location,
+                                                     need_dp=ctx.needs_input_grad[1])
+        return dx, (None if dp is None else dp.to(p.dtype)), None, None
+
+
+class _RouteLinearFn(torch.autograd.Function):
+    """Triton forward and analytic backward (``dx = (g Pᵀ) P``, ``dP = Σ (x Pᵀ)ᵀ g + (g Pᵀ)ᵀ x``), both
+    streaming over prototype tiles: nothing of size [B, N, M] is built."""
+
+    @staticmethod
+    def forward(ctx, x, p, per_location):
+        ctx.save_for_backward(x, p)
+        ctx.per_location = per_location
+        return _route_module().route_linear(x, p, per_location)
+
+    @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable themselves
+    def backward(ctx, dout):
+        x, p = ctx.saved_tensors
+        dx, dp = _route_module().route_linear_backward(x, p, dout, ctx.per_location,
+                                                       need_dp=ctx.needs_input_grad[1])
+        return dx, (None if dp is None else dp.to(p.dtype)), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,10 +338,12 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
             a NaN distance counts as the minimum); ``"soft"`` -> ``(softmax(cos / tau) @ P [B, N, C],
             weights [B, N, M])``; ``"linear"`` -> ``(x Pᵀ) P`` [B, N, C].
         tau: softmax temperature (> 0), ``soft`` only.
-        impl: ``"auto"``, ``"triton"`` (``nearest`` with shared/per-sample banks) or ``"reference"``.
-            ``"auto"`` takes the streaming Triton path on CUDA for inference, and for training only when
-            M >= 64 (where [B, N, M] must not be built); with fewer prototypes and gradients the
-            reference is faster (measured, bench/RESULTS.md).
+        impl: ``"auto"``, ``"triton"`` or ``"reference"``. Triton covers every mode and bank layout
+            (forward and backward; float16/bfloat16/float32). ``"auto"`` takes the streaming Triton path
+            on CUDA for inference, and for training only when M >= 64 (where [B, N, M] must not be
+            built); with fewer prototypes and gradients it takes the reference, which was measured
+            faster for ``nearest`` (bench/RESULTS.md). The same rule applies to ``soft`` and ``linear``,
+            whose kernels are not yet measured on a GPU.
     """
     op = "route"
     if mode not in ROUTE_MODES:
@@ -317,10 +375,6 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
         per_location = False
 
     def unsupported() -> Optional[str]:
-        if mode != "nearest":
-            return f"mode={mode!r} has no Triton kernel yet"
-        if per_location:
-            return "per-location prototype banks have no Triton kernel yet"
         if x.dtype not in _TRITON_DTYPES:
             return f"dtype {x.dtype} (Triton path supports float16/bfloat16/float32)"
         return None
@@ -328,10 +382,14 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
     chosen = resolve_impl(op, impl, [x, prototypes], impls=("triton",), has_backward=True, unsupported=unsupported)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)
     if impl == "auto" and needs_grad and M < _ROUTE_STREAM_MIN_M:
-        # measured on an H100 (bench/RESULTS.md): with few prototypes the reference's matmul backward
-        # beats the gather/scatter backward of the streaming path, and its [B, N, M] matrix is small
+        # measured on an H100 for nearest (bench/RESULTS.md): with few prototypes the reference's matmul
+        # backward beats the streaming path's, and its [B, N, M] matrix is small (soft/linear: unmeasured)
         chosen = "reference"
     if chosen == "reference":
         return _ref.route(x, prototypes, mode=mode, tau=float(tau), per_location=per_location)
     with device_guard(x.device):
-        return _RouteNearestFn.apply(x, prototypes)
+        if mode == "nearest":
+            return _RouteNearestFn.apply(x, prototypes, per_location)
+        if mode == "soft":
+            return _RouteSoftFn.apply(x, prototypes, float(tau), per_location)
+        return _RouteLinearFn.apply(x, prototypes, per_location)

@@ -1,6 +1,6 @@
-"""Triton kernels for prototype attention (forward and backward) and nearest-prototype routing
-(DESIGN "Ops" 2, 3). Matrix products go through :func:`fastproto.triton._dot.mm` (16-bit operands
-on tensor cores for 16-bit inputs, ``tf32x3`` for float32); everything else is float32.
+"""Triton kernels for prototype attention, forward and backward (DESIGN "Ops" 2; routing, item 3, is
+in :mod:`fastproto.triton.route`). Matrix products go through :func:`fastproto.triton._dot.mm` (16-bit
+operands on tensor cores for 16-bit inputs, ``tf32x3`` for float32); everything else is float32.
 
 ``_proto_attn_fwd_kernel``
     One program per (batch * head, query tile of ``BLOCK_N``). The head's prototype keys and values
@@ -11,11 +11,6 @@ on tensor cores for 16-bit inputs, ``tf32x3`` for float32); everything else is f
     Same grid; recomputes the tile's attention, writes dq, and atomically accumulates the tile's
     share of dk, dv (and d(scale)) into small float32 [B, H, M, ·] buffers. ``KIND_RELU_COS``: ``ReLU(s_h q̂ k̂ᵀ) v`` with ``x̂ = x /
     max(||x||, 1e-12)``; ``KIND_SOFTMAX``: ``softmax(s_h q kᵀ) v``.
-``_route_nearest_kernel``
-    One program per (batch, token tile). Streams the prototypes in blocks of ``BLOCK_M`` (and the
-    channels in chunks of ``BLOCK_C``; prototype inverse norms precomputed once on the host), keeping a running min of ``1 - cos`` and its argmin, so the
-    [B, N, M] distance matrix is never materialised. Ties go to the lowest index, NaN wins (as in
-    :func:`fastproto.reference.prototype.route`).
 
 Use :mod:`fastproto.ops.prototype` (validation, dispatch, autograd); these functions assume
 validated inputs.
@@ -220,83 +215,3 @@ def prototype_attention_backward(q, k, v, scale, grad_out, kind: str):
     )
     return dq, dk, dv, ds
 
-
-@triton.jit
-def _route_nearest_kernel(
-    x_ptr, p_ptr, ip_ptr, d_ptr, i_ptr,
-    N, M, C,
-    sxb, sxn, sxc,
-    spb, spm, spc, sipb,
-    sdb, sdn, sib, sin,
-    eps,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
-):
-    b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_c = tl.arange(0, BLOCK_C)
-    x_base = x_ptr + b * sxb + offs_n[:, None] * sxn
-    p_base = p_ptr + b * spb
-
-    # token norms
-    xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cm = (c0 + offs_c) < C
-        xt = tl.load(x_base + (c0 + offs_c)[None, :] * sxc, mask=mask_n[:, None] & cm[None, :],
-                     other=0.0).to(tl.float32)
-        xx += tl.sum(xt * xt, axis=1)
-    inv_x = 1.0 / tl.maximum(tl.sqrt(xx), eps)
-
-    best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
-    best_i = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cm = (c0 + offs_c) < C
-            xt = tl.load(x_base + (c0 + offs_c)[None, :] * sxc, mask=mask_n[:, None] & cm[None, :], other=0.0)
-            pt = tl.load(p_base + offs_m[:, None] * spm + (c0 + offs_c)[None, :] * spc,
-                         mask=mask_m[:, None] & cm[None, :], other=0.0)
-            dot += mm(xt, tl.trans(pt), DOT_DT, PREC)
-        inv_p = tl.load(ip_ptr + b * sipb + offs_m, mask=mask_m, other=1.0)
-        d = 1.0 - dot * inv_x[:, None] * inv_p[None, :]
-        isn = d != d
-        # NaN wins: map NaN to -inf for the block minimum, remember which rows hold one
-        d_key = tl.where(isn, float("-inf"), d)
-        d_key = tl.where(mask_m[None, :], d_key, float("inf"))
-        bmin = tl.min(d_key, axis=1)
-        hit = (d_key == bmin[:, None]) & mask_m[None, :]
-        bidx = tl.min(tl.where(hit, offs_m[None, :], 2147483647), axis=1)
-        bval_nan = tl.max(tl.where(hit & isn, 1, 0), axis=1) > 0
-        bval = tl.where(bval_nan, float("nan"), bmin)
-        # strict comparison keeps the earlier (lower) index on ties; an earlier NaN is never replaced
-        best_nan = best != best
-        take = (~best_nan) & (bval_nan | (bval < best))
-        best = tl.where(take, bval, best)
-        best_i = tl.where(take, bidx, best_i)
-    tl.store(d_ptr + b * sdb + offs_n * sdn, best, mask=mask_n)
-    tl.store(i_ptr + b * sib + offs_n * sin, best_i.to(tl.int64), mask=mask_n)
-
-
-def route_nearest(x: torch.Tensor, p: torch.Tensor):
-    """x [B,N,C]; p [M,C] or [B,M,C]. Returns (float32 distance [B,N], int64 index [B,N])."""
-    B, N, C = x.shape
-    M = p.shape[-2]
-    dist = empty_output((B, N), torch.float32, x.device)
-    idx = empty_output((B, N), torch.int64, x.device)
-    if dist.numel() == 0:
-        return dist, idx
-    spb = p.stride(0) if p.dim() == 3 else 0
-    # prototype inverse norms once (float32, [M] or [B, M]) instead of once per token tile
-    inv_p = 1.0 / torch.linalg.vector_norm(p.float(), dim=-1).clamp_min(1e-8)
-    sipb = inv_p.stride(0) if p.dim() == 3 else 0
-    BLOCK_N, BLOCK_M = 64, min(64, _p2(M))
-    BLOCK_C = min(64, _p2(C))
-    grid = (B, triton.cdiv(N, BLOCK_N))
-    _route_nearest_kernel[grid](
-        x, p, inv_p, dist, idx, N, M, C, *x.stride(), spb, *p.stride()[-2:], sipb, *dist.stride(), *idx.stride(),
-        1e-8, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, **_dots(x.dtype),
-    )
-    return dist, idx
