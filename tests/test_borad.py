@@ -2,7 +2,10 @@
 WideResNet-50-2 parameter count on the meta device."""
 from __future__ import annotations
 
+import copy
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import fastproto.models.borad as borad_mod
 from fastproto.backbones.cnn import efficientnet_lite0
 from fastproto.models import create, list_models, model_class
 from fastproto.models.borad import BoRAD, ReverseDistillation, official_key
+from tests import _interpreter
 
 SIZE = 64
 _TEACHER: list = []
@@ -568,3 +572,59 @@ def test_official_checkpoint_errors_name_the_keys(tmp_path):
         dst.export().load_official({**net, "epoch": 3})
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         dst.load_official(tmp_path / "nothing.pth")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (interpreter, subprocess): fused vs reference model end to end
+# ----------------------------------------------------------------------------------------------
+
+
+def _bias_before_norm(model: torch.nn.Module) -> set[str]:
+    """Biases of convolutions followed by an instance norm or a train-mode batch norm: their gradient is
+    analytically zero (the norm subtracts the mean), so what autograd returns is rounding noise that differs
+    between any two correct implementations."""
+    names = set()
+    for prefix, seq in model.named_modules():
+        if isinstance(seq, torch.nn.Sequential):
+            for (i, a), b in zip(enumerate(seq), list(seq)[1:]):
+                if isinstance(a, torch.nn.Conv2d) and a.bias is not None and isinstance(b, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)):
+                    names.add(f"{prefix}.{i}.bias" if prefix else f"{i}.bias")
+    return names
+
+
+def _interpreter_main(seed: int) -> None:
+    """Subprocess: impl="triton" (kernels interpreted on the CPU) vs "reference": the exported model's maps
+    and the training loss parts and gradients (same masking draws), on fresh random weights and inputs."""
+    torch.manual_seed(seed)
+    base = tiny()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    runs = {}
+    for impl in ("reference", "triton"):
+        model = copy.deepcopy(base).set_impl(impl)  # a train-mode forward moves the BatchNorm statistics
+        with torch.no_grad():
+            amap = model.export().eval()(x)["anomaly_map"]
+        torch.manual_seed(seed + 1)
+        loss = model.train().loss(x)
+        loss["loss"].backward()
+        grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                           if p.grad is not None and n not in _bias_before_norm(model)])
+        runs[impl] = (amap, loss, grads)
+    (m0, l0, g0), (m1, l1, g1) = runs["reference"], runs["triton"]
+    _interpreter.emit({"map_rel": float((m1 - m0).abs().max() / m0.abs().max()),
+                       "loss": {k: float((l1[k] - l0[k]).detach().abs()) for k in l0},
+                       "grad_rel": float((g1 - g0).abs().max() / g0.abs().max())})
+
+
+def test_triton_model_matches_reference_under_interpreter():
+    seed = int.from_bytes(os.urandom(3), "little")
+    res = _interpreter.run(__file__, seed)  # skips without triton
+    assert res["map_rel"] <= 1e-3, res
+    assert all(v <= 1e-4 for v in res["loss"].values()), res
+    assert res["grad_rel"] <= 1e-3, res
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
+        _interpreter_main(int(sys.argv[2]))
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))

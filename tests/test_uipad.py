@@ -5,6 +5,8 @@ round trip, and one batch from the synthetic RGB-D dataset. Tiny shapes: random-
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from fastproto import backbones, models
 from fastproto.models import uipad
 from fastproto.models.dpdiff import PrototypeCrossAttention
+from tests import _interpreter
 
 SIDE = 56  # 4 x 4 patch grid (+ 5 prefix tokens)
 TINY = {"num_prototypes": 4, "num_blocks": 4, "groups": [[0, 1], [2, 3]]}
@@ -270,3 +273,47 @@ def test_decoders_start_from_the_configured_tokens(encoder, decoder_input, monke
 def test_decoder_input_is_validated(encoder):
     with pytest.raises(ValueError, match="decoder_input must be one of"):
         models.create("uipad", backbone=encoder, decoder_input="rgb", **TINY)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (interpreter, subprocess): fused vs reference model end to end
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreter_main(seed: int) -> None:
+    """Subprocess: the model with impl="triton" (kernels interpreted on the CPU) vs "reference": maps, loss
+    parts and gradients, on fresh random weights and inputs."""
+    torch.manual_seed(seed)
+    enc = backbones.create("dinov2_vits14_reg", pretrained=False, embed_dim=32, depth=10, num_heads=2)
+    model = tiny(enc, seed=seed % 1000)
+    rgb, depth = pair(seed % 1000 + 1, b=1)
+    runs = {}
+    for impl in ("reference", "triton"):
+        model.set_impl(impl).zero_grad()
+        with torch.no_grad():
+            out = model.eval()(rgb, depth)
+        loss = model.train().loss({"image": rgb, "depth": depth})
+        loss["loss"].backward()
+        grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
+        runs[impl] = (out, loss, grads)
+    (o0, l0, g0), (o1, l1, g1) = runs["reference"], runs["triton"]
+    _interpreter.emit({
+        "map_rel": {k: float((o1[k] - o0[k]).abs().max() / o0[k].abs().max()) for k in o0 if k.startswith("anomaly")},
+        "loss": {k: float((l1[k] - l0[k]).detach().abs()) for k in l0},
+        "grad_rel": float((g1 - g0).abs().max() / g0.abs().max())})
+
+
+def test_triton_model_matches_reference_under_interpreter():
+    seed = int.from_bytes(os.urandom(3), "little")
+    res = _interpreter.run(__file__, seed)  # skips without triton
+    assert set(res["map_rel"]) == {"anomaly_map", "anomaly_map_rgb", "anomaly_map_depth"}, res
+    assert all(v <= 1e-3 for v in res["map_rel"].values()), res
+    assert all(v <= 1e-4 for v in res["loss"].values()), res
+    assert res["grad_rel"] <= 1e-3, res
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
+        _interpreter_main(int(sys.argv[2]))
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
