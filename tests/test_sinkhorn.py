@@ -157,6 +157,22 @@ def test_iterations_stop_early_and_cap(rng):
     assert (iters == 3).all()
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_tol_zero_matches_the_tracked_loop(given, rng):
+    """tol = 0 skips the convergence error (no problem can stop early): bit for bit the potentials of
+    the tracked loop run with a tolerance that no problem reaches."""
+    seed = _seed(rng)
+    gen = torch.Generator().manual_seed(seed)
+    B, N, K = 3, 23, 5
+    cost = torch.rand(B, N, K, generator=gen, dtype=torch.float64)
+    a, b, _, _ = _marginals(gen, B, N, K, given)
+    la, lb = ref.log_marginals(cost, a, b, torch.float64)
+    f0, g0, it0 = ref.sinkhorn_potentials(cost, la, lb, eps=0.05, n_iters=40, tol=0.0)
+    f1, g1, it1 = ref.sinkhorn_potentials(cost, la, lb, eps=0.05, n_iters=40, tol=1e-300)
+    assert it0.tolist() == [40] * B and it1.tolist() == [40] * B, f"seed={seed}"
+    assert torch.equal(f0, f1) and torch.equal(g0, g1), f"seed={seed}"
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def feature_map(x: torch.Tensor, phi: str) -> torch.Tensor:
     """phi(x): ``elu(x) + 1`` or ``relu(x)``."""
     if phi == "elu":
-        return F.elu(x) + 1.0
+        # in place on elu's fresh output: one pass fewer, and autograd allows it (elu's backward
+        # reads its input, not its output)
+        return F.elu(x).add_(1.0)
     if phi == "relu":
         return F.relu(x)
     raise ValueError(f"linear_attention: phi must be one of {PHIS}, got {phi!r}")
@@ -54,9 +56,12 @@ def linear_attention_with_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     vv = v.to(ct)
     state = torch.matmul(fk.transpose(-2, -1), vv)  # [B, H, D, Dv]
     ksum = fk.sum(dim=-2)  # [B, H, D]
-    num = torch.matmul(fq, state)  # [B, H, Nq, Dv]
-    den = torch.matmul(fq, ksum.unsqueeze(-1)) + eps  # [B, H, Nq, 1]
-    out = num / den
+    # numerator and denominator from one product, phi(q) [S | z] = [num | den - eps]: one pass over
+    # phi(q) forward and backward instead of a second, badly shaped (width-1) matmul
+    num_den = torch.matmul(fq, torch.cat([state, ksum.unsqueeze(-1)], dim=-1))  # [B, H, Nq, Dv + 1]
+    # multiply by 1/den rather than divide: the backward of a broadcast division costs several
+    # [Nq, Dv] passes more than that of a multiplication
+    out = num_den[..., :-1] * torch.reciprocal(num_den[..., -1:] + eps)
     return out.to(q.dtype), state.to(q.dtype)
 
 
