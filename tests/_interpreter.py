@@ -3,7 +3,8 @@
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so each Triton test file doubles as the
 child's script: called as ``python FILE --interpreter-cases SEED`` it runs its cases (with outputs
 poisoned through ``FASTPROTO_POISON_OUTPUTS=1``) and reports them with :func:`emit`; the parent test
-collects them with :func:`run`.
+collects them with :func:`run`. :func:`main` is that entry point; :func:`model_deltas` /
+:func:`check_model_deltas` compare a whole model's fused and reference runs.
 """
 import json
 import os
@@ -46,3 +47,32 @@ def results_fixture(test_file: str):
         return seed, run(test_file, seed)
 
     return interpreter_results
+
+
+def main(test_file: str, cases) -> None:
+    """A Triton test file's ``__main__``: ``--interpreter-cases SEED`` runs ``cases(seed)`` (the child), anything
+    else runs the file's tests."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
+        cases(int(sys.argv[2]))
+    else:
+        sys.exit(pytest.main([test_file, "-q"]))
+
+
+def model_deltas(runs: dict) -> dict:
+    """Differences of a model's ``runs["triton"]`` from ``runs["reference"]``, each ``(maps, loss parts, grads)``
+    (``maps``: a tensor or a dict of named maps; ``grads``: one flat tensor): per map and for the gradients the
+    max difference relative to the reference's max magnitude, per loss part the absolute difference."""
+    (m0, l0, g0), (m1, l1, g1) = runs["reference"], runs["triton"]
+    m0, m1 = ({"anomaly_map": m} if not isinstance(m, dict) else m for m in (m0, m1))
+    return {"map_rel": {k: float((m1[k] - m0[k]).abs().max() / m0[k].abs().max()) for k in m0},
+            "loss": {k: float((l1[k] - l0[k]).detach().abs()) for k in l0},
+            "grad_rel": float((g1 - g0).abs().max() / g0.abs().max())}
+
+
+def check_model_deltas(res: dict, maps=("anomaly_map",), map_tol: float = 1e-3, loss_tol: float = 1e-4,
+                       grad_tol: float = 1e-3) -> None:
+    """Assert :func:`model_deltas` results: exactly the ``maps`` compared, each within its tolerance."""
+    assert set(res["map_rel"]) == set(maps), res
+    assert all(v <= map_tol for v in res["map_rel"].values()), res
+    assert all(v <= loss_tol for v in res["loss"].values()), res
+    assert res["grad_rel"] <= grad_tol, res

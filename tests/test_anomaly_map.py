@@ -17,7 +17,6 @@ import importlib
 import math
 import os
 import secrets
-import sys
 
 import numpy as np
 import pytest
@@ -611,7 +610,4 @@ def test_gpu_triton_matches_reference_real_shapes(layout, dtype, seed):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
-        _interpreter_main(int(sys.argv[2]))
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    _interpreter.main(__file__, _interpreter_main)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 
 import pytest
 import torch
@@ -375,7 +374,6 @@ def _interpreter_main(seed: int) -> None:
     enc = backbones.create("dinov2_vits14_reg", pretrained=False, embed_dim=32, depth=4, num_heads=2)
     model = randomize(models.create("dpdiff", backbone=enc, depth=1, num_heads=2, score_pool_size=4), 1)
     x = images(0, b=1, side=28)
-    res = {}
     runs = {}
     for impl in ("reference", "triton"):
         model.set_impl(impl).zero_grad()
@@ -385,23 +383,13 @@ def _interpreter_main(seed: int) -> None:
         loss = model.train().loss(x)
         loss["loss"].backward()
         runs[impl] = (amap, loss, torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
-    (m0, l0, g0), (m1, l1, g1) = runs["reference"], runs["triton"]
-    res["map_rel"] = float((m1 - m0).abs().max() / m0.abs().max())
-    res["loss"] = {k: float((l1[k] - l0[k]).detach().abs()) for k in l0}
-    res["grad_rel"] = float((g1 - g0).abs().max() / g0.abs().max())
-    _interpreter.emit(res)
+    _interpreter.emit(_interpreter.model_deltas(runs))
 
 
 def test_triton_model_matches_reference_under_interpreter():
     seed = int.from_bytes(os.urandom(3), "little")
-    res = _interpreter.run(__file__, seed)  # skips without triton
-    assert res["map_rel"] <= 1e-3, res
-    assert all(v <= 1e-4 for v in res["loss"].values()), res
-    assert res["grad_rel"] <= 1e-3, res
+    _interpreter.check_model_deltas(_interpreter.run(__file__, seed))  # skips without triton
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
-        _interpreter_main(int(sys.argv[2]))
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    _interpreter.main(__file__, _interpreter_main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -450,7 +449,4 @@ def test_gpu_triton_matches_reference_real_shapes(dtype, tol, phi, rng):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
-        _interpreter_main(int(sys.argv[2]))
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    _interpreter.main(__file__, _interpreter_main)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -623,7 +622,4 @@ def test_triton_models_match_reference_under_interpreter():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
-        _interpreter_main(int(sys.argv[2]))
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    _interpreter.main(__file__, _interpreter_main)

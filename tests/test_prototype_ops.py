@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -677,5 +676,5 @@ def test_gpu_route_modes_real_shapes(name, dtype, seed):
         assert _rel(a.cpu(), b.cpu()) <= tol, f"{name} seed={seed}"
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
-    _interpreter_main(int(sys.argv[2]))
+if __name__ == "__main__":
+    _interpreter.main(__file__, _interpreter_main)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -295,25 +294,15 @@ def _interpreter_main(seed: int) -> None:
         loss = model.train().loss({"image": rgb, "depth": depth})
         loss["loss"].backward()
         grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
-        runs[impl] = (out, loss, grads)
-    (o0, l0, g0), (o1, l1, g1) = runs["reference"], runs["triton"]
-    _interpreter.emit({
-        "map_rel": {k: float((o1[k] - o0[k]).abs().max() / o0[k].abs().max()) for k in o0 if k.startswith("anomaly")},
-        "loss": {k: float((l1[k] - l0[k]).detach().abs()) for k in l0},
-        "grad_rel": float((g1 - g0).abs().max() / g0.abs().max())})
+        runs[impl] = ({k: v for k, v in out.items() if k.startswith("anomaly_map")}, loss, grads)
+    _interpreter.emit(_interpreter.model_deltas(runs))
 
 
 def test_triton_model_matches_reference_under_interpreter():
     seed = int.from_bytes(os.urandom(3), "little")
-    res = _interpreter.run(__file__, seed)  # skips without triton
-    assert set(res["map_rel"]) == {"anomaly_map", "anomaly_map_rgb", "anomaly_map_depth"}, res
-    assert all(v <= 1e-3 for v in res["map_rel"].values()), res
-    assert all(v <= 1e-4 for v in res["loss"].values()), res
-    assert res["grad_rel"] <= 1e-3, res
+    _interpreter.check_model_deltas(_interpreter.run(__file__, seed),  # skips without triton
+                                    maps=("anomaly_map", "anomaly_map_rgb", "anomaly_map_depth"))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter-cases":
-        _interpreter_main(int(sys.argv[2]))
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    _interpreter.main(__file__, _interpreter_main)
