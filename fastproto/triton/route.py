@@ -238,6 +238,24 @@ def _route_soft_fwd_kernel(
 
 
 @triton.jit
+def _soft_bwd_tile(x_rows, sxc, mask_r, p_bank, spm, spc, m0, M, C, g_rows, sgc, gw_rows, swm, lse, tau, eps,
+                   HAS_GW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                   DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """One prototype tile of the soft backward: its indices and mask, cosines, weights, inverse norms, squared
+    norms and the upstream gradient of the weights ``dw`` (through the output, plus the weights' own)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    xp, gp, xx, pp = _tile_dots(x_rows, sxc, mask_r, p_bank, spm, spc, offs_m, mask_m, C, g_rows, sgc,
+                                True, True, BLOCK_R, BLOCK_M, BLOCK_C, DOT_DT, PREC)
+    cos, w, ix, ip = _soft_tile(xp, xx, pp, lse, mask_r, mask_m, tau, eps)
+    dw = gp
+    if HAS_GW:
+        dw += tl.load(gw_rows + offs_m[None, :] * swm, mask=mask_r[:, None] & mask_m[None, :],
+                      other=0.0).to(tl.float32)
+    return offs_m, mask_m, cos, w, ix, ip, xx, pp, dw
+
+
+@triton.jit
 def _route_soft_bwd_kernel(
     x_ptr, p_ptr, lse_ptr, go_ptr, gw_ptr, dx_ptr, dp_ptr,
     R, M, C,
@@ -269,29 +287,17 @@ def _route_soft_bwd_kernel(
         swdc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         swc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < M
-            xp, gp, xx, pp = _tile_dots(x_rows, sxc, mask_r, p_bank, spm, spc, offs_m, mask_m, C, g_rows, sgc,
-                                        True, True, BLOCK_R, BLOCK_M, BLOCK_C, DOT_DT, PREC)
-            cos, w, _, _ = _soft_tile(xp, xx, pp, lse, mask_r, mask_m, tau, eps)
-            dw = gp
-            if HAS_GW:
-                dw += tl.load(gw_rows + offs_m[None, :] * swm, mask=mask_r[:, None] & mask_m[None, :],
-                              other=0.0).to(tl.float32)
+            offs_m, mask_m, cos, w, _, _, xx, pp, dw = _soft_bwd_tile(
+                x_rows, sxc, mask_r, p_bank, spm, spc, m0, M, C, g_rows, sgc, gw_rows, swm, lse, tau, eps,
+                HAS_GW, BLOCK_R, BLOCK_M, BLOCK_C, DOT_DT, PREC)
             r += tl.sum(w * dw, axis=1)
             swdc += tl.sum(w * dw * cos, axis=1)
             swc += tl.sum(w * cos, axis=1)
         q = (swdc - r * swc) / tau
     for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        xp, gp, xx, pp = _tile_dots(x_rows, sxc, mask_r, p_bank, spm, spc, offs_m, mask_m, C, g_rows, sgc,
-                                    True, True, BLOCK_R, BLOCK_M, BLOCK_C, DOT_DT, PREC)
-        cos, w, ix, ip = _soft_tile(xp, xx, pp, lse, mask_r, mask_m, tau, eps)
-        dw = gp
-        if HAS_GW:
-            dw += tl.load(gw_rows + offs_m[None, :] * swm, mask=mask_r[:, None] & mask_m[None, :],
-                          other=0.0).to(tl.float32)
+        offs_m, mask_m, cos, w, ix, ip, xx, pp, dw = _soft_bwd_tile(
+            x_rows, sxc, mask_r, p_bank, spm, spc, m0, M, C, g_rows, sgc, gw_rows, swm, lse, tau, eps,
+            HAS_GW, BLOCK_R, BLOCK_M, BLOCK_C, DOT_DT, PREC)
         if not MULTI:
             r = tl.sum(w * dw, axis=1)
         dc = w * (dw - r[:, None]) / tau
