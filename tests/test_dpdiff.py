@@ -215,6 +215,13 @@ def test_inference_is_deterministic_under_the_seed(encoder):
         other = model(x)["anomaly_map"]
     torch.testing.assert_close(first, second, atol=0, rtol=0)
     assert not torch.allclose(first, other)
+    # an image's map does not depend on its batch or its place in it
+    with torch.no_grad():
+        model.sampling_seed = 0
+        alone = torch.cat([model(x[i:i + 1])["anomaly_map"] for i in range(x.shape[0])])
+        flipped = model(x.flip(0))["anomaly_map"].flip(0)
+    torch.testing.assert_close(alone, first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flipped, first, atol=1e-5, rtol=1e-5)
 
 
 def test_cross_attention_goes_through_the_softmax_prototype_op(encoder, monkeypatch):

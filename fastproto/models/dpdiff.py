@@ -40,7 +40,9 @@ DDIM steps                3                             3, evenly spaced ``t * (
 Sinkhorn eps, cost        not stated                    0.05 on L2-normalised features (cost in [0, 4]),
                                                         100 iterations
 sampling noise            not stated                    a ``torch.Generator`` seeded with
-                                                        ``sampling_seed`` at every call: deterministic
+                                                        ``sampling_seed`` at every call, one draw shared
+                                                        by the batch: deterministic per image, whatever
+                                                        the batch
 map smoothing             "Gaussian"                    5 x 5, sigma 4 (the ViT family's)
 score pooling window      not stated                    16 (ADer's ``pooling_ks``)
 training length           not stated                    200 epochs, batch 32, Adam lr 1e-4, constant
@@ -406,7 +408,8 @@ class DPDiffAD(ViTADModel):
         then ``ddim_steps`` deterministic DDIM steps."""
         z0 = torch.cat([x0, *(p.float() for p in self.prototypes(x0))], dim=1)
         gen = torch.Generator(device=z0.device).manual_seed(self.sampling_seed)
-        noise = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
+        # one draw [1, L, C] shared by the batch: an image's map must not depend on its batch or its place in it
+        noise = torch.randn((1, *z0.shape[1:]), generator=gen, device=z0.device, dtype=z0.dtype).expand_as(z0)
         z_t = q_sample(z0, self.noise_step, noise, self.alphas_cumprod)
         z_hat = ddim_sample(lambda z, t: self.eps(z, t, grid), z_t, self.timesteps, self.alphas_cumprod)
         return z_hat[:, :x0.shape[1]]
