@@ -206,13 +206,19 @@ def _mvtec_categories(root: Path) -> list[str]:
                   if d.is_dir() and not d.name.startswith(".") and ((d / "train").is_dir() or (d / "test").is_dir()))
 
 
-def _mvtec_records(root: Path, category: str, split: str, on_bad_file: str) -> list[Record]:
+def _type_dirs(root: Path, category: str, split: str, on_bad_file: str) -> list[Path]:
+    """The defect-type folders of ``<root>/<category>/<split>`` in MVTec layout, sorted (hidden ones skipped); a
+    missing split is rejected per ``on_bad_file`` (then no folders)."""
     split_dir = root / category / split
     if not split_dir.is_dir():
         _reject(_bad(split_dir, f"category {category!r} has no {split!r} split"), on_bad_file)
         return []
+    return sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _mvtec_records(root: Path, category: str, split: str, on_bad_file: str) -> list[Record]:
     records = []
-    for type_dir in sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+    for type_dir in _type_dirs(root, category, split, on_bad_file):
         normal = split == "train" or type_dir.name.lower() in NORMAL_DIRS
         gt_dir = root / category / "ground_truth" / type_dir.name
         gt_files = set() if normal or not gt_dir.is_dir() else set(os.listdir(gt_dir))
@@ -229,7 +235,8 @@ def _mvtec_records(root: Path, category: str, split: str, on_bad_file: str) -> l
                         on_bad_file)
                 continue
             records.append(Record(str(image), str(mask), 1, category, type_dir.name))
-    if not records:
+    split_dir = root / category / split
+    if not records and split_dir.is_dir():  # a missing split was rejected already
         _reject(_bad(split_dir, f"no images in the {split!r} split of category {category!r}"), on_bad_file)
     return records
 

@@ -57,8 +57,9 @@ from fastproto.data.datasets import (
     _open_image,
     _reject,
     _select,
+    _type_dirs,
 )
-from fastproto.data.synthetic import prepare_root, write_meta
+from fastproto.data.synthetic import generator_params, prepare_root, write_meta
 from fastproto.data.transforms import Preprocess, binarize_mask
 
 __all__ = [
@@ -255,12 +256,8 @@ def _stems(folder: Path, ext: str) -> dict[str, Path]:
 
 
 def _mvtec3d_records(root: Path, category: str, split: str, on_bad_file: str) -> list[RGBDRecord]:
-    split_dir = root / category / split
-    if not split_dir.is_dir():
-        _reject(_bad(split_dir, f"category {category!r} has no {split!r} split"), on_bad_file)
-        return []
     records = []
-    for type_dir in sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+    for type_dir in _type_dirs(root, category, split, on_bad_file):
         normal = type_dir.name == "good"
         rgb, xyz = _stems(type_dir / "rgb", ".png"), _stems(type_dir / "xyz", ".tiff")
         gt = {} if normal else _stems(type_dir / "gt", ".png")
@@ -277,7 +274,8 @@ def _mvtec3d_records(root: Path, category: str, split: str, on_bad_file: str) ->
             else:
                 records.append(RGBDRecord(str(rgb[stem]), None if normal else str(gt[stem]), int(not normal),
                                           category, type_dir.name, depth=str(xyz[stem])))
-    if not records:
+    split_dir = root / category / split
+    if not records and split_dir.is_dir():  # a missing split was rejected already
         _reject(_bad(split_dir, f"no RGB-D samples in the {split!r} split of category {category!r}"), on_bad_file)
     return records
 
@@ -537,14 +535,9 @@ def generate_rgbd(root: str | Path, categories: Sequence[str] = tuple(RGBD_CATEG
     import tifffile
 
     root = Path(root)
-    categories = list(categories)
-    for c in categories:
-        if c not in RGBD_CATEGORIES:
-            raise ValueError(f"unknown synthetic RGB-D category {c!r}; available: {list(RGBD_CATEGORIES)}")
-    if not (0 <= anomaly_fraction <= 1) or n_train < 0 or n_test < 0 or size < 32:
-        raise ValueError("need n_train >= 0, n_test >= 0, 0 <= anomaly_fraction <= 1 and size >= 32")
-    params = {"categories": categories, "n_train": n_train, "n_test": n_test, "size": size, "seed": seed,
-              "anomaly_fraction": anomaly_fraction}
+    params = generator_params(categories, RGBD_CATEGORIES, "synthetic RGB-D", n_train=n_train, n_test=n_test,
+                              size=size, min_size=32, seed=seed, anomaly_fraction=anomaly_fraction)
+    categories = params["categories"]
     if prepare_root(root, params, RGBD_META_FILE, _RGBD_VERSION, overwrite, "an RGB-D synthetic dataset"):
         return root
 

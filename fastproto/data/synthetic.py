@@ -521,14 +521,9 @@ def generate(root: str | Path, categories: Sequence[str] = DEFAULT_CATEGORIES, n
     folders are otherwise an error unless ``overwrite=True`` (they are then replaced).
     """
     root = Path(root)
-    categories = list(categories)
-    for c in categories:
-        if c not in CATEGORIES:
-            raise ValueError(f"unknown synthetic category {c!r}; available: {list(CATEGORIES)}")
-    if not (0 <= anomaly_fraction <= 1) or n_train < 0 or n_test < 0 or size < 64:
-        raise ValueError("need n_train >= 0, n_test >= 0, 0 <= anomaly_fraction <= 1 and size >= 64")
-    params = {"categories": categories, "n_train": n_train, "n_test": n_test, "size": size, "seed": seed,
-              "anomaly_fraction": anomaly_fraction}
+    params = generator_params(categories, CATEGORIES, "synthetic", n_train=n_train, n_test=n_test, size=size,
+                              min_size=64, seed=seed, anomaly_fraction=anomaly_fraction)
+    categories = params["categories"]
     if prepare_root(root, params, META_FILE, _VERSION, overwrite, "a synthetic dataset"):
         return root
     jobs, summary = [], {}
@@ -557,6 +552,20 @@ def generate(root: str | Path, categories: Sequence[str] = DEFAULT_CATEGORIES, n
     write_meta(root, META_FILE, "fastproto.data.synthetic", _VERSION, params, summary,
                "MVTec AD: <category>/{train/good, test/<type>, ground_truth/<type>/<name>_mask.png}")
     return root
+
+
+def generator_params(categories, known, kind: str, *, n_train: int, n_test: int, size: int, min_size: int,
+                     seed: int, anomaly_fraction: float) -> dict:
+    """Checked parameters of a generator run (what :func:`prepare_root` and :func:`write_meta` record); raise
+    ``ValueError`` for a category not in ``known`` (named, ``kind`` says which generator) or a bad count/size."""
+    categories = list(categories)
+    for c in categories:
+        if c not in known:
+            raise ValueError(f"unknown {kind} category {c!r}; available: {list(known)}")
+    if not (0 <= anomaly_fraction <= 1) or n_train < 0 or n_test < 0 or size < min_size:
+        raise ValueError(f"need n_train >= 0, n_test >= 0, 0 <= anomaly_fraction <= 1 and size >= {min_size}")
+    return {"categories": categories, "n_train": n_train, "n_test": n_test, "size": size, "seed": seed,
+            "anomaly_fraction": anomaly_fraction}
 
 
 def prepare_root(root: Path, params: dict, meta_file: str, version: int, overwrite: bool, what: str) -> bool:
