@@ -1,6 +1,7 @@
 """Build of the optional compiled extension ``fastproto._C``.
 
-CPU sources (``csrc/*.cpp``, C++17 + OpenMP) always build. CUDA sources (``kernels/*.cu`` plus the
+CPU sources (``csrc/*.cpp``, C++17 + OpenMP; they include the host/device solver headers of
+``kernels/``) always build. CUDA sources (``kernels/*.cu`` plus the
 host wrappers ``csrc/cuda/*.cpp``) build when ``nvcc`` and a CUDA-enabled torch are present, or
 when ``FASTPROTO_CUDA=1``; ``FASTPROTO_CUDA=0`` forces a CPU-only build.
 ``FASTPROTO_NO_EXT=1`` skips the extension entirely (the package then runs on its
@@ -55,7 +56,7 @@ def _extensions():
         ext = CppExtension(
             "fastproto._C",
             sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")],  # shared solver headers
             define_macros=define,
             extra_compile_args={"cxx": cxx},
             extra_link_args=openmp,

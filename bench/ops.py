@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fastproto  # noqa: E402
-from fastproto import ops  # noqa: E402
+from fastproto import _ext, ops  # noqa: E402
+from fastproto.ops import sinkhorn as ops_sinkhorn  # noqa: E402
 from fastproto.reference import linear_attention as ref_la  # noqa: E402
 from fastproto.reference import losses as ref_losses  # noqa: E402
 from fastproto.reference import prototype as ref_proto  # noqa: E402
@@ -298,6 +299,9 @@ def sinkhorn_cases(device, K_list) -> List[Case]:
         impls = {"fastproto": lambda cost: ops.sinkhorn(cost, eps=0.05, n_iters=100, tol=0.0),
                  "reference": lambda cost: ref_sk.sinkhorn(cost, eps=0.05, n_iters=100, tol=0.0),
                  "eager log-domain loop": lambda cost: eager_log_sinkhorn(cost, 0.05, 100)}
+        if dev.type == "cuda" and _ext.has_op(ops_sinkhorn.COMPILED_OP, "cuda"):
+            impls["fastproto (impl='cuda', compiled)"] = lambda cost: ops.sinkhorn(cost, eps=0.05, n_iters=100,
+                                                                                   tol=0.0, impl="cuda")
         try:
             import ot.batch  # noqa: F401
             impls["POT ot.batch.solve_batch (log_sinkhorn)"] = lambda cost: pot_batch_sinkhorn(cost, 0.05, 100)

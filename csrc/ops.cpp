@@ -18,6 +18,11 @@ TORCH_LIBRARY(fastproto, m) {
   // normal/anomalous scores (int64), weight_hist sums 1/pos_size (float64).
   m.def("histogram_update(Tensor(a!) neg_hist, Tensor(b!) pos_hist, Tensor(c!) weight_hist, Tensor page_base, "
         "Tensor page_shift, Tensor neg_scores, Tensor pos_scores, Tensor pos_sizes, int prefix_bits) -> ()");
+  // Batched log-domain Sinkhorn (fastproto/reference/sinkhorn.py, one problem per thread / thread block):
+  // cost [B,N,K] (K <= 64), float32 log-marginals log_a [B,N] and log_b [B,K]; writes the plan (cost's
+  // dtype), loss [B] float32 and the g-updates made, iters [B] int32.
+  m.def("sinkhorn_solve(Tensor cost, Tensor log_a, Tensor log_b, float eps, int n_iters, float tol, "
+        "Tensor(a!) plan, Tensor(b!) loss, Tensor(c!) iters) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -52,4 +52,8 @@ def cuda_built() -> bool:
 
 
 def op(name: str):
+    """``torch.ops.fastproto.<name>`` (loading the extension first; a clear error when it is missing)."""
+    if not available():
+        raise RuntimeError(f"fastproto's compiled extension is not available ({load_error()}); "
+                           f"torch.ops.fastproto.{name} cannot run")
     return getattr(torch.ops.fastproto, name)

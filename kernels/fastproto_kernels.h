@@ -58,5 +58,13 @@ cudaError_t launch_histogram_update(const float* neg, int64_t n_neg, const float
                                     int prefix_bits, int64_t* neg_hist, int64_t* pos_hist, double* weight_hist,
                                     cudaStream_t stream);
 
+// ---- Batched log-domain Sinkhorn (kernels/sinkhorn.cu; solver in kernels/sinkhorn_solver.h).
+// One thread block per problem, all iterations in one launch. cost [B,N,K] float32 (1 <= K <= 64) read
+// through c_strides (3 element strides); log_a [B,N], log_b [B,K] float32 contiguous; work: B*2*N float32,
+// zero on entry; writes plan [B,N,K] (p_strides), loss [B] float32 and iters [B] int32.
+cudaError_t launch_sinkhorn(const float* cost, const int64_t* c_strides, const float* log_a, const float* log_b,
+                            float* work, float* plan, const int64_t* p_strides, float* loss, int32_t* iters,
+                            int64_t B, int64_t N, int K, float eps, float tol, int64_t n_iters, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastproto

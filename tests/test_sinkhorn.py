@@ -10,7 +10,10 @@
 - Triton vs reference under the Triton interpreter, in a subprocess with TRITON_INTERPRET=1 set
   before triton is imported (this file is the subprocess script, see ``__main__``), every buffer the
   Triton path allocates poisoned with NaN and one strided cost read as a view into NaN storage;
-- GPU tests at B = 64, N = 1024, K in {2, 8, 64} (skipped without CUDA).
+- the compiled extension's solver (``kernels/sinkhorn_solver.h``, shared by its CUDA and CPU kernels) through
+  its CPU kernel vs the reference: the interpreter cases plus NaN, the iteration cap, the gradient through
+  the autograd Function, argument errors;
+- GPU tests at B = 64, N = 1024, K in {2, 8, 64} for Triton and the CUDA kernel (skipped without CUDA).
 """
 from __future__ import annotations
 
@@ -22,8 +25,11 @@ import pytest
 import torch
 
 from tests import _interpreter
+from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import ot_alignment_loss, sinkhorn
+
+ops_sk = importlib.import_module("fastproto.ops.sinkhorn")
 
 ref = importlib.import_module("fastproto.reference.sinkhorn")
 
@@ -273,7 +279,8 @@ def test_bad_inputs():
         ((c,), {"a": a * 2}, ValueError, "equal mass"),
         ((c,), {"a": a * 2, "b": b * 2.5}, ValueError, "equal mass"),
         ((c,), {"a": a, "b": "b"}, TypeError, "b must be a torch.Tensor"),
-        ((c,), {"impl": "cuda"}, ValueError, "impl must be one of"),
+        ((c,), {"impl": "cuda"}, RuntimeError, "impl='cuda' needs CUDA tensors"),
+        ((c,), {"impl": "cutlass"}, ValueError, "impl must be one of"),
     ]
     for args, kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -439,44 +446,167 @@ def test_triton_interpreter_nan_cap_unsupported_ot_loss(interpreter_results):
 
 
 # ----------------------------------------------------------------------------------------------
+# compiled extension: the solver shared by the CUDA and CPU kernels, run by the CPU kernel
+# ----------------------------------------------------------------------------------------------
+
+needs_compiled = pytest.mark.skipif(not _ext.has_op(ops_sk.COMPILED_OP, "cpu"),
+                                    reason="compiled extension with sinkhorn_solve not built")
+
+
+@pytest.fixture
+def poisoned():
+    old = _triton_pkg.POISON_OUTPUTS
+    _triton_pkg.POISON_OUTPUTS = True
+    yield
+    _triton_pkg.POISON_OUTPUTS = old
+
+
+def _compiled(cost, a, b, eps, n_iters, tol):
+    """(plan, loss, grad, iters) of the compiled solver through the autograd Function, loss weighted."""
+    la, lb = ref.log_marginals(cost, a, b, torch.float32)
+    c = cost.detach().clone().requires_grad_(True)
+    plan, loss = ops_sk._SinkhornFn.apply(ops_sk._compiled_solve, c, la, lb, eps, n_iters, tol)
+    w = torch.linspace(0.5, 1.5, cost.shape[0], dtype=loss.dtype)
+    (grad,) = torch.autograd.grad((loss * w).sum(), c)
+    _, _, iters = ops_sk._compiled_solve(cost, la, lb, eps, n_iters, tol)
+    return plan, loss, grad, iters, w
+
+
+@needs_compiled
+@pytest.mark.parametrize("name", list(INTERP_CASES))
+def test_compiled_solver_matches_reference(name, rng, poisoned):
+    seed = _seed(rng)
+    cost, a, b, eps = _interp_cost(name, seed)
+    plan, loss, grad, iters, w = _compiled(cost, a, b, eps, 300, 1e-6)
+    c = cost.detach().clone().requires_grad_(True)
+    plan_r, loss_r = sinkhorn(c, eps=eps, n_iters=300, tol=1e-6, a=a, b=b, impl="reference")
+    (grad_r,) = torch.autograd.grad((loss_r * w).sum(), c)
+    ct = torch.float32
+    la, lb = ref.log_marginals(cost, a, b, ct)
+    _, _, iters_r = ref.sinkhorn_potentials(cost.to(ct), la, lb, eps=eps, n_iters=300, tol=1e-6)
+    assert plan.dtype == cost.dtype and loss.dtype == cost.dtype and grad.dtype == cost.dtype
+    assert torch.isfinite(plan).all() and torch.isfinite(loss).all() and torch.isfinite(grad).all(), f"seed={seed}"
+    tol = 1e-4 if INTERP_CASES[name][5] == "float32" else 1e-2
+    for key, got, want in (("plan", plan, plan_r), ("loss", loss, loss_r), ("grad", grad, grad_r)):
+        assert _rel_err(got, want) <= tol, f"{name}: {key} rel err {_rel_err(got, want):.2e} (seed={seed})"
+    cap = 300 if INTERP_CASES[name][5] == "float32" else 301
+    for i_r, i_c in zip(iters_r.tolist(), iters.tolist()):
+        assert abs(i_r - i_c) <= 1 and 1 <= i_c < cap, f"{name}: iters {iters_r} vs {iters} (seed={seed})"
+
+
+@needs_compiled
+def test_compiled_solver_far_column_takes_the_exact_pass(rng, poisoned):
+    """With every column sum underflowing, the one-exponential g-update would give inf; the plan is
+    finite and equal to the reference only through the exact column pass."""
+    seed = _seed(rng)
+    gen = torch.Generator().manual_seed(seed)
+    cost = torch.rand(2, 40, 5, generator=gen)
+    cost[:, :, 0] += 12.0  # ~120 eps above every row's best entry
+    plan, loss, _, _, _ = _compiled(cost, None, None, 0.1, 300, 1e-6)
+    plan_r, loss_r = ref.sinkhorn(cost, eps=0.1, n_iters=300, tol=1e-6)
+    assert torch.isfinite(plan).all() and _rel_err(plan, plan_r) <= 1e-4, f"seed={seed}"
+    assert float(plan[:, :, 0].sum(1).min()) > 0.19, f"column 0 lost its mass (seed={seed})"
+
+
+@needs_compiled
+def test_compiled_solver_nan_cap_and_tol_zero(rng, poisoned):
+    seed = _seed(rng)
+    gen = torch.Generator().manual_seed(seed)
+    cost = torch.rand(3, 37, 5, generator=gen)
+    cost[1, 7, 2] = float("nan")
+    plan, loss, _, _, _ = _compiled(cost, None, None, 0.1, 50, 1e-6)
+    assert torch.isnan(plan[1]).all() and torch.isnan(loss[1]), f"seed={seed}"
+    assert torch.isfinite(plan[[0, 2]]).all() and torch.isfinite(loss[[0, 2]]).all(), f"seed={seed}"
+    # a cap far below convergence: the exact schedule of the reference, iteration for iteration
+    la, lb = ref.log_marginals(cost, None, None, torch.float32)
+    plan_c, loss_c, iters = ops_sk._compiled_solve(cost[[0]], la[[0]], lb[[0]], 0.02, 4, 0.0)
+    plan_r, loss_r = ref.sinkhorn(cost[[0]], eps=0.02, n_iters=4, tol=0.0)
+    assert iters.tolist() == [4] and _rel_err(plan_c, plan_r) <= 1e-4 and _rel_err(loss_c, loss_r) <= 1e-4
+    # n_iters = 1: one f- and one g-update
+    _, _, iters = ops_sk._compiled_solve(cost[[0, 2]], la[[0, 2]], lb[[0, 2]], 0.1, 1, 1e-6)
+    assert iters.tolist() == [1, 1]
+
+
+@needs_compiled
+def test_compiled_solver_argument_errors():
+    op = _ext.op(ops_sk.COMPILED_OP)
+    c = torch.rand(2, 5, 3)
+    la, lb = torch.zeros(2, 5), torch.zeros(2, 3)
+    outs = lambda cost=c: (torch.empty_like(cost), torch.empty(cost.shape[0]),  # noqa: E731
+                           torch.empty(cost.shape[0], dtype=torch.int32))
+    cases = [
+        ((c[0], la, lb, 0.1, 10, 0.0, *outs()), "cost must be \\[B,N,K\\]"),
+        ((c.double(), la, lb, 0.1, 10, 0.0, *outs(c.double())), "float32, float16 or bfloat16"),
+        ((torch.rand(2, 5, 65), la, torch.zeros(2, 65), 0.1, 10, 0.0, *outs(torch.rand(2, 5, 65))), "K <= 64"),
+        ((c, la[:, :4], lb, 0.1, 10, 0.0, *outs()), "log_a must be"),
+        ((c, la, lb.double(), 0.1, 10, 0.0, *outs()), "log_b must be"),
+        ((c, la, lb, 0.0, 10, 0.0, *outs()), "eps must be"),
+        ((c, la, lb, 0.1, 0, 0.0, *outs()), "n_iters must be"),
+        ((c, la, lb, 0.1, 10, -1.0, *outs()), "tol must be"),
+        ((c, la, lb, 0.1, 10, 0.0, torch.empty(2, 5, 4), *outs()[1:]), "plan must be"),
+        ((c, la, lb, 0.1, 10, 0.0, outs()[0], torch.empty(3), outs()[2]), "loss must be"),
+        ((c, la, lb, 0.1, 10, 0.0, *outs()[:2], torch.empty(2)), "iters must be"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+    # the largest K is accepted
+    cost = torch.rand(1, 7, 64)
+    plan, loss, _ = ops_sk._compiled_solve(cost, *ref.log_marginals(cost, None, None, torch.float32), 0.1, 50, 1e-6)
+    assert _rel_err(plan, ref.sinkhorn(cost, eps=0.1, n_iters=50, tol=1e-6)[0]) <= 1e-4
+
+
+def test_cuda_impl_without_a_cuda_extension_is_an_error():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to reach the extension check")
+    if _ext.has_op(ops_sk.COMPILED_OP, "cuda"):
+        pytest.skip("the extension has the CUDA kernel")
+    with pytest.raises(RuntimeError, match="impl='cuda' requested but"):
+        sinkhorn(torch.rand(1, 3, 2, device="cuda"), impl="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU, real shapes (skipped without CUDA)
 # ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
 @pytest.mark.parametrize("K", [2, 8, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
-def test_gpu_triton_matches_reference_real_shapes(K, dtype, tol, rng):
+def test_gpu_kernel_matches_reference_real_shapes(impl, K, dtype, tol, rng):
     """B=64, N=1024 (DPDiff-AD tokens), normalised squared distances as the cost."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 would run the kernel in the interpreter")
     from fastproto import triton as tpkg
 
-    if not tpkg.is_available():
+    if impl == "triton" and not tpkg.is_available():
         pytest.skip("triton is not installed")
+    if impl == "cuda" and not _ext.has_op(ops_sk.COMPILED_OP, "cuda"):
+        pytest.skip("the compiled extension has no CUDA kernel")
     seed = _seed(rng)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     B, N = 64, 1024
     x = torch.nn.functional.normalize(torch.randn(B, N, 32, device="cuda", generator=gen), dim=-1)
     p = torch.nn.functional.normalize(torch.randn(K, 32, device="cuda", generator=gen), dim=-1)
     cost = ref.squared_distance_cost(x, p).to(dtype)
-    tm = importlib.import_module("fastproto.triton.sinkhorn")
     old = _triton_pkg.POISON_OUTPUTS
     _triton_pkg.POISON_OUTPUTS = True
     try:
         c_t = cost.clone().requires_grad_(True)
-        plan_t, loss_t = sinkhorn(c_t, eps=0.05, n_iters=200, impl="triton")
+        plan_t, loss_t = sinkhorn(c_t, eps=0.05, n_iters=200, impl=impl)
         loss_t.sum().backward()
         plan_r, loss_r = sinkhorn(cost, eps=0.05, n_iters=200, impl="reference")
         plan_a, _ = sinkhorn(cost, eps=0.05, n_iters=200)
         torch.cuda.synchronize()
     finally:
         _triton_pkg.POISON_OUTPUTS = old
-    assert torch.equal(plan_a, plan_t), f"impl='auto' did not take the Triton path (seed={seed})"
+    if impl == "triton":
+        assert torch.equal(plan_a, plan_t), f"impl='auto' did not take the Triton path (seed={seed})"
     assert torch.isfinite(plan_t).all() and torch.isfinite(loss_t).all(), f"seed={seed}"
     assert torch.equal(c_t.grad, plan_t), f"seed={seed}"
-    assert _rel_err(plan_t, plan_r) <= tol and _rel_err(loss_t, loss_r) <= tol, f"K={K} {dtype} (seed={seed})"
+    assert _rel_err(plan_t, plan_r) <= tol and _rel_err(loss_t, loss_r) <= tol, f"{impl} K={K} {dtype} (seed={seed})"
 
 
 if __name__ == "__main__":

@@ -342,8 +342,12 @@ class EyecandiesDataset(RGBDDataset):
     ``<idx>_info_depth.yaml``), ground truth ``<idx>_mask.png`` (``test_public`` only; an empty mask means a
     normal sample; anomalous samples get ``defect="bad"``). The depth is back-projected with the documented
     intrinsics (focal 711.11 px, principal point at the centre) to a point map and goes through the same
-    plane removal and encoding as MVTec 3D-AD. Layout details are from the eyecandies documentation and not
-    checked against the release here; converted trees (M3DM / CFM scripts) load with :class:`MVTec3DDataset`.
+    plane removal and encoding as MVTec 3D-AD. File names, the ``normalization: {min, max}`` entry of the
+    depth YAML, the 16-bit scaling, the focal length and ``image_4`` agree with the M3DM conversion script
+    (``utils/preprocess_eyecandies.py``) and the split folders with the eyecandies repository; no release file
+    was available here to load. Unlike that script, the points stay in the camera frame (``<idx>_pose.txt``
+    is not applied): the plane removal fits the background plane in the frame it is given, and point-to-plane
+    distances do not depend on the frame (the camera sees the table plane obliquely, never edge-on). Converted trees (M3DM / CFM scripts) load with :class:`MVTec3DDataset`.
     ``split``: ``train``, ``validation`` (``val``) or ``test`` (``test_public``).
     """
 

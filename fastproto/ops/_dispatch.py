@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fastproto import _ext
 from fastproto import triton as _triton_pkg
 
 IMPLS = ("auto", "triton", "cuda", "reference")
@@ -30,8 +31,21 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device)
 
 
+def _compiled_missing(compiled_op: Optional[str]) -> Optional[str]:
+    """Why the compiled extension cannot run ``compiled_op`` on CUDA tensors (None when it can)."""
+    if compiled_op is None:
+        return "this op has no compiled CUDA kernel"
+    if not _ext.available():
+        return f"the compiled extension fastproto._C is not loaded ({_ext.load_error()})"
+    if not _ext.has_op(compiled_op, "cuda"):
+        return ("the compiled extension was built without CUDA (reinstall with nvcc and a CUDA build of torch, "
+                "or FASTPROTO_CUDA=1)")
+    return None
+
+
 def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: Sequence[str] = ("triton",),
-                 has_backward: bool = True, unsupported: Optional[Callable[[], Optional[str]]] = None) -> str:
+                 has_backward: bool = True, unsupported: Optional[Callable[[], Optional[str]]] = None,
+                 compiled_op: Optional[str] = None) -> str:
     """Return the implementation to run: one of ``impls`` (those the op has besides the reference) or
     ``"reference"``.
 
@@ -44,6 +58,8 @@ def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: 
             under ``"auto"`` and are refused when a fast path is forced.
         unsupported: returns a reason string when the inputs are outside what the kernels handle (e.g. a
             head dim); ``"auto"`` then falls back to the reference with a one-time warning.
+        compiled_op: the ``torch.ops.fastproto`` operator behind ``"cuda"`` (when ``impls`` has it): that
+            path runs only when the extension was built with CUDA.
     """
     allowed = ("auto", *impls, "reference")
     if not isinstance(impl, str) or impl not in allowed:
@@ -59,6 +75,8 @@ def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: 
         for candidate in impls:
             if candidate == "triton" and not _triton_pkg.is_available():
                 continue
+            if candidate == "cuda" and _compiled_missing(compiled_op):
+                continue
             if reason:
                 _warn_once(f"{op}:{reason}", f"{op}: {reason}; using the reference implementation")
                 return "reference"
@@ -72,8 +90,12 @@ def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: 
                 f"{op}: impl='triton' needs CUDA tensors, got tensors on {device}; on the CPU the Triton "
                 "kernels run only under the interpreter (TRITON_INTERPRET=1, for tests). "
                 "Use impl='auto' or impl='reference'.")
-    elif device.type != "cuda":  # impl == "cuda"
-        raise RuntimeError(f"{op}: impl='cuda' needs CUDA tensors, got tensors on {device}")
+    else:  # impl == "cuda"
+        if device.type != "cuda":
+            raise RuntimeError(f"{op}: impl='cuda' needs CUDA tensors, got tensors on {device}")
+        missing = _compiled_missing(compiled_op)
+        if missing:
+            raise RuntimeError(f"{op}: impl='cuda' requested but {missing}")
     if needs_grad and not has_backward:
         raise RuntimeError(
             f"{op}: the {impl} path is forward-only (an inference op) and an input requires grad; "

@@ -6,7 +6,9 @@ and returns ``(plan, loss)``. ``ot_alignment_loss(x, prototypes)`` is DPDiff-AD'
 loss: the batch mean of that loss for ``C_ik = ||x_i - p_k||^2``.
 
 The maths and the iteration schedule live in :mod:`fastproto.reference.sinkhorn` (plain PyTorch,
-ground truth, CPU path); :mod:`fastproto.triton.sinkhorn` holds the GPU kernel.
+ground truth, CPU path); :mod:`fastproto.triton.sinkhorn` holds the Triton kernel and
+``kernels/sinkhorn.cu`` the CUDA kernel of the compiled extension (its solver,
+``kernels/sinkhorn_solver.h``, is shared with the extension's CPU kernel).
 
 Gradients (both paths): the plan is returned **detached** (no graph through the iterations: it is
 not differentiable), and the loss is differentiable with respect to the cost with
@@ -19,12 +21,16 @@ Implementations:
 * Triton: one launch per batch, one program per problem running all iterations with the
   convergence check (and early exit) on the device; fp32 arithmetic; costs float32/float16/bfloat16
   with K <= 64 (any N). Backward is ``grad_loss * plan`` (elementwise, PyTorch).
+* CUDA (``impl="cuda"``, the compiled extension ``torch.ops.fastproto.sinkhorn_solve``): the same
+  schedule, one thread block per problem, all iterations in one launch; float32 costs read in place
+  (16-bit costs are converted to float32 first and the plan written back); same backward.
+  Not yet measured on a GPU, so ``"auto"`` prefers Triton.
 * Reference: plain PyTorch, float32/float64 (half/bfloat16 computed in float32); stopped problems
   are frozen on the device, and the loop exits early when all have stopped (checked every 10
   iterations, the only host synchronisations).
 
-``impl="auto"`` takes Triton on CUDA tensors it supports and the reference otherwise (unsupported
-inputs on CUDA fall back with a one-time warning).
+``impl="auto"`` takes Triton on CUDA tensors it supports (the CUDA kernel when Triton is not installed)
+and the reference otherwise (unsupported inputs on CUDA fall back with a one-time warning).
 """
 from __future__ import annotations
 
@@ -36,28 +42,47 @@ from typing import Optional, Tuple
 
 import torch
 
+from fastproto import _ext
 from fastproto.ops._dispatch import device_guard, resolve_impl
+from fastproto.triton import empty_output
 
 _ref = importlib.import_module("fastproto.reference.sinkhorn")
 
 __all__ = ["sinkhorn", "ot_alignment_loss", "MAX_K"]
 
-MAX_K = 64  # must equal fastproto.triton.sinkhorn.MAX_K
+MAX_K = 64  # must equal fastproto.triton.sinkhorn.MAX_K and kMaxK of kernels/sinkhorn_solver.h
+COMPILED_OP = "sinkhorn_solve"
 
 
-def _triton_module():
-    return importlib.import_module("fastproto.triton.sinkhorn")
+def _triton_solve(cost, log_a, log_b, eps, n_iters, tol):
+    return importlib.import_module("fastproto.triton.sinkhorn").solve(cost, log_a, log_b, eps, n_iters, tol)
 
 
-class _SinkhornTritonFn(torch.autograd.Function):
-    """Triton forward; backward ``dcost = grad_loss * plan`` (envelope theorem). The plan output is
-    non-differentiable."""
+def _compiled_solve(cost, log_a, log_b, eps, n_iters, tol):
+    """``torch.ops.fastproto.sinkhorn_solve`` (the CUDA kernel on CUDA tensors; on CPU tensors the
+    extension's CPU kernel, which runs the same solver). Same signature and results as the Triton
+    ``solve``: ``(plan [B, N, K] cost dtype, loss [B] float32, iters [B] int32)``."""
+    B, N, K = cost.shape
+    plan = empty_output((B, N, K), cost.dtype, cost.device)
+    loss = empty_output((B,), torch.float32, cost.device)
+    iters = empty_output((B,), torch.int32, cost.device)
+    _ext.op(COMPILED_OP)(cost, log_a.to(torch.float32).contiguous(), log_b.to(torch.float32).contiguous(),
+                         float(eps), int(n_iters), float(tol), plan, loss, iters)
+    return plan, loss, iters
+
+
+_SOLVERS = {"triton": _triton_solve, "cuda": _compiled_solve}
+
+
+class _SinkhornFn(torch.autograd.Function):
+    """Forward by a kernel's ``solve``; backward ``dcost = grad_loss * plan`` (envelope theorem). The
+    plan output is non-differentiable."""
 
     @staticmethod
-    def forward(ctx, cost, log_a, log_b, eps, n_iters, tol):
+    def forward(ctx, solve, cost, log_a, log_b, eps, n_iters, tol):
         guard = torch.cuda.device(cost.device) if cost.device.type == "cuda" else contextlib.nullcontext()
         with guard:
-            plan, loss, _ = _triton_module().solve(cost.detach(), log_a, log_b, eps, n_iters, tol)
+            plan, loss, _ = solve(cost.detach(), log_a, log_b, eps, n_iters, tol)
         ctx.save_for_backward(plan)
         ctx.mark_non_differentiable(plan)
         return plan, loss.to(cost.dtype)
@@ -65,9 +90,9 @@ class _SinkhornTritonFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_plan, grad_loss):
         if grad_loss is None:
-            return None, None, None, None, None, None
+            return (None,) * 7
         (plan,) = ctx.saved_tensors
-        return grad_loss[:, None, None].to(plan.dtype) * plan, None, None, None, None, None
+        return None, grad_loss[:, None, None].to(plan.dtype) * plan, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,9 +154,9 @@ def _validate(op, cost, eps, n_iters, tol, a, b):
 
 def _unsupported_reason(cost) -> Optional[str]:
     if cost.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {cost.dtype} is not supported by the Triton kernel (float32/float16/bfloat16 only)"
+        return f"dtype {cost.dtype} is not supported by the kernels (float32/float16/bfloat16 only)"
     if cost.shape[2] > MAX_K:
-        return f"K={cost.shape[2]} exceeds the Triton kernel's maximum {MAX_K}"
+        return f"K={cost.shape[2]} exceeds the kernels' maximum {MAX_K}"
     if cost.shape[0] == 0:
         return "empty batch"
     return None
@@ -156,7 +181,7 @@ def sinkhorn(cost: torch.Tensor, *, eps: float = 0.05, n_iters: int = 100, tol: 
             checked on the device.
         a, b: marginals [B, N] and [B, K] (same dtype and device as the cost, strictly positive,
             equal mass per problem); default uniform ``1/N`` and ``1/K``.
-        impl: ``"auto"``, ``"triton"`` or ``"reference"``.
+        impl: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
 
     Returns ``(plan [B, N, K], loss [B])`` in the cost dtype (computed in float32 for half inputs):
     ``T_ik = exp((f_i + g_k - C_ik)/eps)`` and ``loss = <T, C> + eps sum T log T``. The plan is
@@ -165,13 +190,13 @@ def sinkhorn(cost: torch.Tensor, *, eps: float = 0.05, n_iters: int = 100, tol: 
     """
     op = "sinkhorn"
     eps, n_iters, tol = _validate(op, cost, eps, n_iters, tol, a, b)
-    which = resolve_impl(op, impl, [cost], impls=("triton",), has_backward=True,
-                         unsupported=lambda: _unsupported_reason(cost))
+    which = resolve_impl(op, impl, [cost], impls=("triton", "cuda"), has_backward=True,
+                         unsupported=lambda: _unsupported_reason(cost), compiled_op=COMPILED_OP)
     if which == "reference":
         return _ref.sinkhorn(cost, eps=eps, n_iters=n_iters, tol=tol, a=a, b=b)
     log_a, log_b = _ref.log_marginals(cost, a, b, torch.float32)
     with device_guard(cost.device):
-        return _SinkhornTritonFn.apply(cost, log_a, log_b, eps, n_iters, tol)
+        return _SinkhornFn.apply(_SOLVERS[which], cost, log_a, log_b, eps, n_iters, tol)
 
 
 def ot_alignment_loss(x: torch.Tensor, prototypes: torch.Tensor, *, eps: float = 0.05, normalize: bool = False,
