@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -32,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fastproto  # noqa: E402
 from fastproto import _ext, ops  # noqa: E402
-from fastproto.ops import sinkhorn as ops_sinkhorn  # noqa: E402
+ops_prototype = importlib.import_module("fastproto.ops.prototype")  # the modules (ops re-exports the functions)
+ops_sinkhorn = importlib.import_module("fastproto.ops.sinkhorn")
 from fastproto.reference import linear_attention as ref_la  # noqa: E402
 from fastproto.reference import losses as ref_losses  # noqa: E402
 from fastproto.reference import prototype as ref_proto  # noqa: E402
@@ -175,6 +177,8 @@ def cases(device, dtype, B, quick) -> List[Case]:
 
     # 3. nearest routing (coherence loss): per-sample INP tokens (M=6), shared DPDiff local
     #    prototypes (M=8), and a 789-prototype bank (Pro-AD-sized) where [B,N,M] must not be built
+    compiled_nearest = ({"fastproto (impl='cuda', compiled)"}
+                        if dev.type == "cuda" and _ext.has_op(ops_prototype.NEAREST_OP, "cuda") else set())
     for M, shared in ((6, False), (8, True), (789, True)):
         xs = (B, 789, DIM)
         ps = (M, DIM) if shared else (B, M, DIM)
@@ -183,6 +187,7 @@ def cases(device, dtype, B, quick) -> List[Case]:
             "route (nearest)", f"B={B} N=789 C={DIM} M={M} {'shared' if shared else 'per-sample'}",
             lambda xs=xs, ps=ps: {"x": rand(*xs), "p": rand(*ps)},
             {"fastproto": lambda x, p: ops.route(x, p, mode="nearest"),
+             **{k: lambda x, p: ops.route(x, p, mode="nearest", impl="cuda") for k in compiled_nearest},
              "reference": lambda x, p: ref_proto.route(x, p, mode="nearest"),
              "normalised matmul + min": matmul_route_nearest},
             ["x", "p"], floor_fwd=fwd, floor_bwd=fwd + 2 * _nbytes(xs, dtype) + 2 * _nbytes(ps, dtype)))
@@ -302,6 +307,10 @@ def sinkhorn_cases(device, K_list) -> List[Case]:
         if dev.type == "cuda" and _ext.has_op(ops_sinkhorn.COMPILED_OP, "cuda"):
             impls["fastproto (impl='cuda', compiled)"] = lambda cost: ops.sinkhorn(cost, eps=0.05, n_iters=100,
                                                                                    tol=0.0, impl="cuda")
+        elif dev.type == "cpu" and _ext.has_op(ops_sinkhorn.COMPILED_OP, "cpu"):
+            # not a public CPU path: the extension's CPU kernel runs the impl='cuda' solver, one thread per problem
+            impls["extension CPU kernel (impl='cuda' solver)"] = lambda cost: ops_sinkhorn._compiled_solve(
+                cost, *ref_sk.log_marginals(cost, None, None, torch.float32), 0.05, 100, 0.0)
         try:
             import ot.batch  # noqa: F401
             impls["POT ot.batch.solve_batch (log_sinkhorn)"] = lambda cost: pot_batch_sinkhorn(cost, 0.05, 100)
@@ -471,6 +480,8 @@ def main(argv=None):
     ap.add_argument("--from-json", nargs="+", default=None,
                     help="render these earlier --json files (one run split over calls) into --out; run nothing")
     ap.add_argument("--overhead", action="store_true", help="print the host-overhead breakdown (CUDA) and exit")
+    ap.add_argument("--section", default=None,
+                    help="name of the --out section (default ops-cuda / ops-cpu; use another for a partial run)")
     args = ap.parse_args(argv)
     if args.overhead:
         print("\n".join(overhead_breakdown("cuda")))
@@ -478,7 +489,7 @@ def main(argv=None):
     if args.from_json:
         parts = [json.load(open(f)) for f in args.from_json]
         env = parts[0]["env"] + " Commands: " + "; ".join(f"`{p['cmd']}`" for p in parts) + "."
-        key = "ops-cuda" if "CUDA" in parts[0]["env"] else "ops-cpu"
+        key = args.section or ("ops-cuda" if "CUDA" in parts[0]["env"] else "ops-cpu")
         title = f"Ops benchmark — {'GPU' if key == 'ops-cuda' else 'CPU'}, {parts[0]['env'].split('date ')[1][:10]}"
         write_section(args.out, key, title, render(env, [r for p in parts for r in p["rows"]]))
         print(f"wrote section '{key}' of {args.out}")
@@ -517,7 +528,7 @@ def main(argv=None):
                 with open(args.json, "w") as f:
                     json.dump({"env": env, "cmd": cmd, "rows": all_rows}, f, indent=1)
     if args.out:
-        key = "ops-cuda" if cuda else "ops-cpu"
+        key = args.section or ("ops-cuda" if cuda else "ops-cpu")
         title = f"Ops benchmark — {'GPU' if cuda else 'CPU'}, {datetime.date.today()}"
         write_section(args.out, key, title, render(env + f" Command: `{cmd}`.", all_rows))
         print(f"wrote section '{key}' of {args.out}")
