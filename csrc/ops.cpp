@@ -23,6 +23,11 @@ TORCH_LIBRARY(fastproto, m) {
   // dtype), loss [B] float32 and the g-updates made, iters [B] int32.
   m.def("sinkhorn_solve(Tensor cost, Tensor log_a, Tensor log_b, float eps, int n_iters, float tol, "
         "Tensor(a!) plan, Tensor(b!) loss, Tensor(c!) iters) -> ()");
+  // Nearest prototype by cosine distance (fastproto/reference/prototype.py): x [B,N,C], prototypes [M,C],
+  // [B,M,C] or (per_location) [N,M,C]; writes min_m (1 - cos) into dist [B,N] float32 and the argmin
+  // (ties: lowest index; NaN wins, as torch.min) into index [B,N] int64.
+  m.def("route_nearest(Tensor x, Tensor prototypes, bool per_location, float eps, Tensor(a!) dist, "
+        "Tensor(b!) index) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -66,5 +66,17 @@ cudaError_t launch_sinkhorn(const float* cost, const int64_t* c_strides, const f
                             float* work, float* plan, const int64_t* p_strides, float* loss, int32_t* iters,
                             int64_t B, int64_t N, int K, float eps, float tol, int64_t n_iters, cudaStream_t stream);
 
+// ---- Nearest-prototype routing (kernels/route.cu; per-token math in kernels/route_nearest.h).
+enum class ElementType { kFloat32, kHalf, kBFloat16 };
+
+// One warp per token. x [B,N,C] and the bank in `dtype`, read through their strides: x_strides (3),
+// p_strides = {bank stride (0 for a shared [M,C] bank), prototype stride, channel stride}; the bank of token
+// (b, n) is indexed by n when per_location, else by b. Writes dist [B,N] float32 and index [B,N] int64
+// through d_strides / i_strides (2 each). Requires B*N / 8 < 2^31 blocks.
+cudaError_t launch_route_nearest(ElementType dtype, const void* x, const int64_t* x_strides, const void* p,
+                                 const int64_t* p_strides, float* dist, const int64_t* d_strides, int64_t* index,
+                                 const int64_t* i_strides, int64_t B, int64_t N, int64_t M, int64_t C,
+                                 bool per_location, float eps, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastproto

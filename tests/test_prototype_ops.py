@@ -12,6 +12,9 @@
   (M = 1, several prototype tiles, sizes off the blocks, strided inputs, NaN tokens);
 - ``PrototypeAttention`` vs a re-statement of INP-Former's ``Prototype_Attention`` (same weights,
   same state_dict keys);
+- the compiled ``route_nearest`` (per-token math shared by the extension's CUDA and CPU kernels) through its
+  CPU kernel vs the float64 re-statement and the reference: every bank layout, dtypes, strided inputs,
+  M = 1, ties, NaN, poisoned outputs, gradients through the autograd Function, argument errors;
 - GPU tests at real shapes (``@pytest.mark.gpu``; skipped without CUDA).
 """
 from __future__ import annotations
@@ -25,8 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from tests import _interpreter
+from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops.prototype import PrototypeAttention, prototype_attention, route
+
+ops_proto = importlib.import_module("fastproto.ops.prototype")
 
 _ref = importlib.import_module("fastproto.reference.prototype")
 
@@ -579,6 +585,98 @@ def test_triton_interpreter_route_nan_and_gradient_paths(interpreter_results):
 
 
 # ----------------------------------------------------------------------------------------------
+# compiled route_nearest: the per-token math shared by the CUDA and CPU kernels, run by the CPU kernel
+# ----------------------------------------------------------------------------------------------
+
+needs_compiled = pytest.mark.skipif(not _ext.has_op(ops_proto.NEAREST_OP, "cpu"),
+                                    reason="compiled extension with route_nearest not built")
+
+
+@pytest.fixture
+def poisoned():
+    old = _triton_pkg.POISON_OUTPUTS
+    _triton_pkg.POISON_OUTPUTS = True
+    yield
+    _triton_pkg.POISON_OUTPUTS = old
+
+
+def _compiled_route(x, p, loc):
+    """(dist, idx) of the compiled kernel through the autograd Function, as route(impl="cuda") runs it."""
+    return ops_proto._RouteNearestFn.apply(ops_proto._compiled_nearest, x, p, loc)
+
+
+@needs_compiled
+@pytest.mark.parametrize("bank", ["shared", "batch", "location"])
+@pytest.mark.parametrize("M", [1, 6, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_route_nearest_matches_float64(bank, M, dtype, seed, poisoned):
+    gen = torch.Generator().manual_seed(seed)
+    B, N, C = 2, 37, 40
+    x = _t(gen, (B, N, C), dtype, strided=True).requires_grad_()
+    pshape = {"shared": (M, C), "batch": (B, M, C), "location": (N, M, C)}[bank]
+    p = _t(gen, pshape, dtype, strided=M > 1).requires_grad_()
+    loc = bank == "location"
+    d, idx = _compiled_route(x, p, loc)
+    dr, idx_r = route(x, p, per_location=loc if p.dim() == 3 else None, impl="reference")
+    wd, _ = np_route(x.detach().double().numpy(), p.detach().double().numpy(), "nearest", per_location=loc)
+    assert d.dtype == dtype and idx.dtype == torch.int64 and d.shape == (B, N) and idx.shape == (B, N)
+    assert torch.isfinite(d).all() and int(idx.min()) >= 0 and int(idx.max()) < M, f"seed={seed}"
+    assert _rel(d, wd) <= TOL[dtype], f"seed={seed}"
+    if dtype == torch.float32:
+        assert _argmin_ok(idx, x.detach().double(), p.detach().double(), loc), f"seed={seed}"
+        # the gradient follows the argmin: compare with the reference where both picked the same prototype
+        same = idx == idx_r
+        assert same.float().mean() > 0.9, f"seed={seed}"
+        g = torch.randn(B, N, generator=gen) * same
+        for a, b in zip(torch.autograd.grad(d, [x, p], g), torch.autograd.grad(dr, [x, p], g)):
+            assert _rel(a, b) <= 1e-5, f"seed={seed}"
+
+
+@needs_compiled
+def test_compiled_route_nearest_ties_nan_and_zero(poisoned):
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [float("nan"), 1.0], [1.0, 1.0]]])
+    p = torch.tensor([[0.0, 1.0], [2.0, 0.0], [3.0, 0.0], [0.0, 5.0], [1.0, 1.0]])
+    d, idx = ops_proto._compiled_nearest(x, p, False)
+    assert idx.tolist() == [[1, 0, 0, 4]] and torch.isnan(d[0, 2]) and torch.isfinite(d[0, [0, 1, 3]]).all()
+    p2 = p.clone()
+    p2[3, 0] = float("nan")
+    d2, idx2 = ops_proto._compiled_nearest(x[:, :2], p2, False)
+    assert idx2.tolist() == [[3, 3]] and torch.isnan(d2).all()
+    d3, idx3 = ops_proto._compiled_nearest(torch.zeros(1, 2, 4), torch.randn(3, 4), False)
+    assert torch.equal(d3, torch.ones(1, 2)) and idx3.tolist() == [[0, 0]]
+
+
+@needs_compiled
+def test_compiled_route_nearest_argument_errors():
+    op = _ext.op(ops_proto.NEAREST_OP)
+    x, p = torch.randn(2, 5, 8), torch.randn(3, 8)
+    d, i = torch.empty(2, 5), torch.empty(2, 5, dtype=torch.int64)
+    cases = [
+        ((x[0], p, False, 1e-8, d, i), "x must be"),
+        ((x.double(), p.double(), False, 1e-8, d, i), "float32, float16 or bfloat16"),
+        ((x, p.half(), False, 1e-8, d, i), "x's dtype"),
+        ((x, torch.randn(3, 7), False, 1e-8, d, i), "channels"),
+        ((x, torch.randn(0, 8), False, 1e-8, d, i), "no prototypes"),
+        ((x, torch.randn(4, 3, 8), False, 1e-8, d, i), "per-sample bank needs leading dim 2"),
+        ((x, torch.randn(4, 3, 8), True, 1e-8, d, i), "per-location bank needs leading dim 5"),
+        ((x, p, True, 1e-8, d, i), "per_location needs"),
+        ((x, p, False, 0.0, d, i), "eps must be"),
+        ((x, p, False, 1e-8, d.double(), i), "dist must be"),
+        ((x, p, False, 1e-8, d, i.int()), "index must be"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+
+
+def test_route_cuda_impl_errors():
+    with pytest.raises(RuntimeError, match="impl='cuda' needs CUDA tensors"):
+        route(torch.randn(2, 4, 8), torch.randn(3, 8), impl="cuda")
+    with pytest.raises(ValueError, match="impl must be one of"):  # only nearest has a compiled kernel
+        route(torch.randn(2, 4, 8), torch.randn(3, 8), mode="soft", impl="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU: real shapes
 # ----------------------------------------------------------------------------------------------
 
@@ -626,15 +724,24 @@ def test_gpu_attention_real_shapes(M, kind, dtype, seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
 @pytest.mark.parametrize("M", [6, 8, 12, 789])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_route_nearest_real_shapes(M, dtype, seed):
-    _gpu_ready()
+def test_gpu_route_nearest_real_shapes(impl, M, dtype, seed):
+    if impl == "triton":
+        _gpu_ready()
+    elif not _ext.has_op(ops_proto.NEAREST_OP, "cuda"):
+        pytest.skip("the compiled extension has no CUDA kernel")
     gen = torch.Generator(device="cuda").manual_seed(seed)
     B, N, C = 16, 784, 768
     x = torch.randn(B, N, C, device="cuda", generator=gen).to(dtype)
     p = torch.randn(B, M, C, device="cuda", generator=gen).to(dtype)
-    d, idx = route(x, p, impl="triton")
+    old = _triton_pkg.POISON_OUTPUTS
+    _triton_pkg.POISON_OUTPUTS = True
+    try:
+        d, idx = route(x, p, impl=impl)
+    finally:
+        _triton_pkg.POISON_OUTPUTS = old
     dr, _ = route(x, p, impl="reference")
     assert _rel(d.cpu(), dr.cpu()) <= (1e-5 if dtype == torch.float32 else 1e-2)
     if dtype == torch.float32:

@@ -10,7 +10,10 @@ The maths lives in :mod:`fastproto.reference.prototype`. Triton covers ``prototy
 and backward (M <= 64, D, Dv <= 256; :mod:`fastproto.triton.prototype`) and every ``route`` mode and bank
 layout (:mod:`fastproto.triton.route`): streaming over the prototypes, no [B, N, M] intermediate except
 ``soft``'s returned weights; analytic backward kernels for ``soft`` and ``linear``; ``nearest``'s backward,
-through the selected prototype only, is written in PyTorch below (O(B N C)).
+through the selected prototype only, is written in PyTorch below (O(B N C)). ``route(mode="nearest",
+impl="cuda")`` runs the compiled extension's kernel (``kernels/route.cu``, one warp per token; its
+per-token math, ``kernels/route_nearest.h``, is shared with the extension's CPU kernel, which the tests
+run); not yet measured on a GPU, so ``"auto"`` prefers Triton.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from fastproto import _ext
 from fastproto.ops._dispatch import device_guard, resolve_impl
+from fastproto.triton import empty_output
 
 _ref = importlib.import_module("fastproto.reference.prototype")
 
@@ -41,6 +46,26 @@ def _triton_module():
 
 def _route_module():
     return importlib.import_module("fastproto.triton.route")
+
+
+NEAREST_OP = "route_nearest"  # the compiled extension's operator behind route(mode="nearest", impl="cuda")
+
+
+def _triton_nearest(x, p, per_location):
+    return _route_module().route_nearest(x, p, per_location)
+
+
+def _compiled_nearest(x, p, per_location):
+    """``torch.ops.fastproto.route_nearest`` (CUDA kernel on CUDA tensors, the same math on the CPU):
+    (float32 distance [B, N], int64 index [B, N]), as the Triton ``route_nearest``."""
+    B, N, _ = x.shape
+    dist = empty_output((B, N), torch.float32, x.device)
+    idx = empty_output((B, N), torch.int64, x.device)
+    _ext.op(NEAREST_OP)(x, p, bool(per_location), _ref.COS_EPS, dist, idx)
+    return dist, idx
+
+
+_NEAREST = {"triton": _triton_nearest, "cuda": _compiled_nearest}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,12 +117,12 @@ class _ProtoAttnFn(torch.autograd.Function):
 
 
 class _RouteNearestFn(torch.autograd.Function):
-    """Triton forward (streaming min/argmin); analytic backward in PyTorch through the selected
-    prototype only (O(B N C), the [B, N, M] matrix is not rebuilt)."""
+    """Forward by a kernel (Triton streaming min/argmin, or the compiled one); analytic backward in
+    PyTorch through the selected prototype only (O(B N C), the [B, N, M] matrix is not rebuilt)."""
 
     @staticmethod
-    def forward(ctx, x, p, per_location):
-        dist, idx = _route_module().route_nearest(x, p, per_location)
+    def forward(ctx, nearest, x, p, per_location):
+        dist, idx = nearest(x, p, per_location)
         ctx.save_for_backward(x, p, idx)
         ctx.per_location = per_location
         ctx.mark_non_differentiable(idx)
@@ -133,7 +158,7 @@ class _RouteNearestFn(torch.autograd.Function):
             else:
                 dp.scatter_add_(1, index, dsel.transpose(0, 1) if ctx.per_location else dsel)
             dp = dp.to(p.dtype)
-        return dx.to(x.dtype), dp, None
+        return None, dx.to(x.dtype), dp, None
 
 
 class _RouteSoftFn(torch.autograd.Function):
@@ -338,8 +363,9 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
             a NaN distance counts as the minimum); ``"soft"`` -> ``(softmax(cos / tau) @ P [B, N, C],
             weights [B, N, M])``; ``"linear"`` -> ``(x Pᵀ) P`` [B, N, C].
         tau: softmax temperature (> 0), ``soft`` only.
-        impl: ``"auto"``, ``"triton"`` or ``"reference"``. Triton covers every mode and bank layout
-            (forward and backward; float16/bfloat16/float32). ``"auto"`` takes the streaming Triton path
+        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (``nearest`` only: the compiled kernel) or
+            ``"reference"``. Triton covers every mode and bank layout (forward and backward;
+            float16/bfloat16/float32). ``"auto"`` takes the streaming Triton path
             on CUDA for inference, and for training only when M >= 64 (where [B, N, M] must not be
             built); with fewer prototypes and gradients it takes the reference, which was measured
             faster for ``nearest`` (bench/RESULTS.md). The same rule applies to ``soft`` and ``linear``,
@@ -376,10 +402,12 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
 
     def unsupported() -> Optional[str]:
         if x.dtype not in _TRITON_DTYPES:
-            return f"dtype {x.dtype} (Triton path supports float16/bfloat16/float32)"
+            return f"dtype {x.dtype} (the kernels support float16/bfloat16/float32)"
         return None
 
-    chosen = resolve_impl(op, impl, [x, prototypes], impls=("triton",), has_backward=True, unsupported=unsupported)
+    impls = ("triton", "cuda") if mode == "nearest" else ("triton",)
+    chosen = resolve_impl(op, impl, [x, prototypes], impls=impls, has_backward=True, unsupported=unsupported,
+                          compiled_op=NEAREST_OP)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)
     if impl == "auto" and needs_grad and M < _ROUTE_STREAM_MIN_M:
         # measured on an H100 for nearest (bench/RESULTS.md): with few prototypes the reference's matmul
@@ -389,7 +417,7 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
         return _ref.route(x, prototypes, mode=mode, tau=float(tau), per_location=per_location)
     with device_guard(x.device):
         if mode == "nearest":
-            return _RouteNearestFn.apply(x, prototypes, per_location)
+            return _RouteNearestFn.apply(_NEAREST[chosen], x, prototypes, per_location)
         if mode == "soft":
             return _RouteSoftFn.apply(x, prototypes, float(tau), per_location)
         return _RouteLinearFn.apply(x, prototypes, per_location)

@@ -1,0 +1,98 @@
+// Nearest-prototype routing, CUDA kernel: one warp per token, its lanes splitting the channels (coalesced
+// reads of the token and of each prototype row); the per-token math is kernels/route_nearest.h, shared with
+// the CPU kernel. Memory-bound for the few-prototype banks of the models: the token row is read from global
+// memory once per prototype and served from L1 after the first.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "fastproto_kernels.h"
+#include "route_nearest.h"
+
+namespace fastproto {
+namespace cuda {
+namespace {
+
+constexpr unsigned kAllLanes = 0xffffffffu;
+constexpr int kWarpsPerBlock = 8;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAllLanes, v, o);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) route_nearest_kernel(
+    const T* __restrict__ x, int64_t x_sb, int64_t x_sn, int64_t x_sc, const T* __restrict__ p, int64_t p_bank,
+    int64_t p_sm, int64_t p_sc, float* dist, int64_t d_sb, int64_t d_sn, int64_t* index, int64_t i_sb,
+    int64_t i_sn, int64_t B, int64_t N, int64_t M, int64_t C, bool per_location, float eps) {
+  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (t >= B * N) return;  // whole warps leave together
+  const int lane = threadIdx.x & 31;
+  const int64_t b = t / N, n = t % N;
+  const T* xr = x + b * x_sb + n * x_sn;
+  float xx = 0.f;
+  for (int64_t c = lane; c < C; c += 32) {
+    const float v = to_float(xr[c * x_sc]);
+    xx += v * v;
+  }
+  xx = warp_sum(xx);
+  const T* bank = p + route::bank_offset(b, n, per_location, p_bank);
+  float best = 0.f;
+  int64_t best_m = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* pr = bank + m * p_sm;
+    float dot = 0.f, pq = 0.f;
+    for (int64_t c = lane; c < C; c += 32) {
+      const float v = to_float(xr[c * x_sc]), w = to_float(pr[c * p_sc]);
+      dot += v * w;
+      pq += w * w;
+    }
+    // xor shuffles leave the sums in every lane; lane 0's decisions are the ones written
+    route::take_nearest(best, best_m, route::cosine_distance(warp_sum(dot), xx, warp_sum(pq), eps), m);
+  }
+  if (lane == 0) {
+    dist[b * d_sb + n * d_sn] = best;
+    index[b * i_sb + n * i_sn] = best_m;
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const void* x, const int64_t* x_strides, const void* p, const int64_t* p_strides, float* dist,
+                         const int64_t* d_strides, int64_t* index, const int64_t* i_strides, int64_t B, int64_t N,
+                         int64_t M, int64_t C, bool per_location, float eps, cudaStream_t stream) {
+  const int64_t tokens = B * N;
+  const int64_t blocks = (tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  route_nearest_kernel<T><<<dim3(unsigned(blocks)), dim3(kWarpsPerBlock * 32), 0, stream>>>(
+      static_cast<const T*>(x), x_strides[0], x_strides[1], x_strides[2], static_cast<const T*>(p), p_strides[0],
+      p_strides[1], p_strides[2], dist, d_strides[0], d_strides[1], index, i_strides[0], i_strides[1], B, N, M, C,
+      per_location, eps);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_route_nearest(ElementType dtype, const void* x, const int64_t* x_strides, const void* p,
+                                 const int64_t* p_strides, float* dist, const int64_t* d_strides, int64_t* index,
+                                 const int64_t* i_strides, int64_t B, int64_t N, int64_t M, int64_t C,
+                                 bool per_location, float eps, cudaStream_t stream) {
+  if (B * N == 0) return cudaSuccess;
+  switch (dtype) {
+    case ElementType::kHalf:
+      return launch_typed<__half>(x, x_strides, p, p_strides, dist, d_strides, index, i_strides, B, N, M, C,
+                                  per_location, eps, stream);
+    case ElementType::kBFloat16:
+      return launch_typed<__nv_bfloat16>(x, x_strides, p, p_strides, dist, d_strides, index, i_strides, B, N, M, C,
+                                         per_location, eps, stream);
+    default:
+      return launch_typed<float>(x, x_strides, p, p_strides, dist, d_strides, index, i_strides, B, N, M, C,
+                                 per_location, eps, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastproto
