@@ -529,7 +529,8 @@ def main(argv=None):
                     json.dump({"env": env, "cmd": cmd, "rows": all_rows}, f, indent=1)
     if args.out:
         key = args.section or ("ops-cuda" if cuda else "ops-cpu")
-        title = f"Ops benchmark — {'GPU' if cuda else 'CPU'}, {datetime.date.today()}"
+        title = f"Ops benchmark — {'GPU' if cuda else 'CPU'}, {datetime.date.today()}" + (
+            f" ({args.section})" if args.section else "")
         write_section(args.out, key, title, render(env + f" Command: `{cmd}`.", all_rows))
         print(f"wrote section '{key}' of {args.out}")
 
