@@ -10,39 +10,32 @@
 namespace fastproto {
 namespace {
 
+struct ToFloat {
+  template <typename T>
+  float operator()(T v) const { return static_cast<float>(v); }
+};
+
+struct OneThread {
+  float operator()(float v) const { return v; }
+};
+
 template <typename T>
 void nearest_batch(const at::Tensor& x, const at::Tensor& p, bool per_location, double eps, at::Tensor& dist,
                    at::Tensor& index) {
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  const int64_t M = p.size(-2);
-  const int64_t p_bank = p.dim() == 3 ? p.stride(0) : 0, p_m = p.stride(-2), p_c = p.stride(-1);
+  const int64_t N = x.size(1), C = x.size(2), M = p.size(-2);
+  const int64_t p_bank = p.dim() == 3 ? p.stride(0) : 0;
   const T* xp = x.data_ptr<T>();
   const T* pp = p.data_ptr<T>();
   float* dp = dist.data_ptr<float>();
   int64_t* ip = index.data_ptr<int64_t>();
-  const float e = float(eps);
-  at::parallel_for(0, B * N, 64, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, x.size(0) * N, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / N, n = t % N;
-      const T* xr = xp + b * x.stride(0) + n * x.stride(1);
-      float xx = 0.f;
-      for (int64_t c = 0; c < C; ++c) {
-        const float v = static_cast<float>(xr[c * x.stride(2)]);
-        xx += v * v;
-      }
-      const T* bank = pp + route::bank_offset(b, n, per_location, p_bank);
-      float best = 0.f;
-      int64_t best_m = 0;
-      for (int64_t m = 0; m < M; ++m) {
-        const T* pr = bank + m * p_m;
-        float dot = 0.f, pq = 0.f;
-        for (int64_t c = 0; c < C; ++c) {
-          const float v = static_cast<float>(xr[c * x.stride(2)]), w = static_cast<float>(pr[c * p_c]);
-          dot += v * w;
-          pq += w * w;
-        }
-        route::take_nearest(best, best_m, route::cosine_distance(dot, xx, pq, e), m);
-      }
+      float best;
+      int64_t best_m;
+      route::nearest_token(xp + b * x.stride(0) + n * x.stride(1), x.stride(2),
+                           pp + route::bank_offset(b, n, per_location, p_bank), p.stride(-2), p.stride(-1), M, C, 0,
+                           1, float(eps), ToFloat{}, OneThread{}, best, best_m);
       dp[b * dist.stride(0) + n * dist.stride(1)] = best;
       ip[b * index.stride(0) + n * index.stride(1)] = best_m;
     }

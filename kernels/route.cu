@@ -15,15 +15,20 @@ namespace {
 constexpr unsigned kAllLanes = 0xffffffffu;
 constexpr int kWarpsPerBlock = 8;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+struct ToFloat {
+  __device__ __forceinline__ float operator()(float v) const { return v; }
+  __device__ __forceinline__ float operator()(__half v) const { return __half2float(v); }
+  __device__ __forceinline__ float operator()(__nv_bfloat16 v) const { return __bfloat162float(v); }
+};
 
-__device__ __forceinline__ float warp_sum(float v) {
+// xor shuffles leave the sum in every lane of the warp
+struct WarpSum {
+  __device__ __forceinline__ float operator()(float v) const {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAllLanes, v, o);
-  return v;
-}
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAllLanes, v, o);
+    return v;
+  }
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) route_nearest_kernel(
@@ -34,27 +39,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) route_nearest_kernel(
   if (t >= B * N) return;  // whole warps leave together
   const int lane = threadIdx.x & 31;
   const int64_t b = t / N, n = t % N;
-  const T* xr = x + b * x_sb + n * x_sn;
-  float xx = 0.f;
-  for (int64_t c = lane; c < C; c += 32) {
-    const float v = to_float(xr[c * x_sc]);
-    xx += v * v;
-  }
-  xx = warp_sum(xx);
-  const T* bank = p + route::bank_offset(b, n, per_location, p_bank);
-  float best = 0.f;
-  int64_t best_m = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    const T* pr = bank + m * p_sm;
-    float dot = 0.f, pq = 0.f;
-    for (int64_t c = lane; c < C; c += 32) {
-      const float v = to_float(xr[c * x_sc]), w = to_float(pr[c * p_sc]);
-      dot += v * w;
-      pq += w * w;
-    }
-    // xor shuffles leave the sums in every lane; lane 0's decisions are the ones written
-    route::take_nearest(best, best_m, route::cosine_distance(warp_sum(dot), xx, warp_sum(pq), eps), m);
-  }
+  float best;
+  int64_t best_m;
+  route::nearest_token(x + b * x_sb + n * x_sn, x_sc, p + route::bank_offset(b, n, per_location, p_bank), p_sm, p_sc,
+                       M, C, lane, 32, eps, ToFloat{}, WarpSum{}, best, best_m);
   if (lane == 0) {
     dist[b * d_sb + n * d_sn] = best;
     index[b * i_sb + n * i_sn] = best_m;

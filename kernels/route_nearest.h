@@ -1,5 +1,5 @@
-// Nearest-prototype routing, the per-token math shared by the CPU kernel (csrc/route.cpp, one token per
-// iteration) and the CUDA kernel (kernels/route.cu, one warp per token, lanes splitting the channels).
+// Nearest-prototype routing, the per-token routine shared by the CPU kernel (csrc/route.cpp, one thread per
+// token) and the CUDA kernel (kernels/route.cu, one warp per token, lanes splitting the channels).
 //
 // Math (fastproto/reference/prototype.py): for a token x and its bank p_1 .. p_M,
 //   d_m = 1 - x·p_m / (max(||x||, eps) max(||p_m||, eps)),   dist = min_m d_m,   index = argmin_m d_m
@@ -34,6 +34,37 @@ FASTPROTO_HD void take_nearest(float& best, int64_t& best_m, float d, int64_t m)
   if (m == 0 || (best == best && (d != d || d < best))) {
     best = d;
     best_m = m;
+  }
+}
+
+// The nearest prototype of one token, computed by `lanes` threads that each take the channels lane,
+// lane + lanes, ... of the token row xr and of the prototype rows bank + m * p_sm; `sum` turns a thread's
+// partial sum into the sum over the threads (the identity for one thread), `load` reads an element as float.
+// Writes (best, best_m): the minimum distance and its index (valid in every thread of the group).
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename T, typename Load, typename Sum>
+FASTPROTO_HD void nearest_token(const T* xr, int64_t x_sc, const T* bank, int64_t p_sm, int64_t p_sc, int64_t M,
+                                int64_t C, int lane, int lanes, float eps, const Load& load, const Sum& sum,
+                                float& best, int64_t& best_m) {
+  float xx = 0.f;
+  for (int64_t c = lane; c < C; c += lanes) {
+    const float v = load(xr[c * x_sc]);
+    xx += v * v;
+  }
+  xx = sum(xx);
+  best = 0.f;
+  best_m = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* pr = bank + m * p_sm;
+    float dot = 0.f, pq = 0.f;
+    for (int64_t c = lane; c < C; c += lanes) {
+      const float v = load(xr[c * x_sc]), w = load(pr[c * p_sc]);
+      dot += v * w;
+      pq += w * w;
+    }
+    take_nearest(best, best_m, cosine_distance(sum(dot), xx, sum(pq), eps), m);
   }
 }
 

@@ -19,3 +19,15 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def poisoned():
+    """Every output buffer the kernel wrappers allocate (``fastproto.triton.empty_output``) is filled with
+    NaN (integers: -7) for the test, so an element a kernel fails to write cannot go unnoticed."""
+    from fastproto import triton as triton_pkg
+
+    old = triton_pkg.POISON_OUTPUTS
+    triton_pkg.POISON_OUTPUTS = True
+    yield
+    triton_pkg.POISON_OUTPUTS = old

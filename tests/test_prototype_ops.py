@@ -592,14 +592,6 @@ needs_compiled = pytest.mark.skipif(not _ext.has_op(ops_proto.NEAREST_OP, "cpu")
                                     reason="compiled extension with route_nearest not built")
 
 
-@pytest.fixture
-def poisoned():
-    old = _triton_pkg.POISON_OUTPUTS
-    _triton_pkg.POISON_OUTPUTS = True
-    yield
-    _triton_pkg.POISON_OUTPUTS = old
-
-
 def _compiled_route(x, p, loc):
     """(dist, idx) of the compiled kernel through the autograd Function, as route(impl="cuda") runs it."""
     return ops_proto._RouteNearestFn.apply(ops_proto._compiled_nearest, x, p, loc)

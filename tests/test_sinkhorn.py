@@ -453,14 +453,6 @@ needs_compiled = pytest.mark.skipif(not _ext.has_op(ops_sk.COMPILED_OP, "cpu"),
                                     reason="compiled extension with sinkhorn_solve not built")
 
 
-@pytest.fixture
-def poisoned():
-    old = _triton_pkg.POISON_OUTPUTS
-    _triton_pkg.POISON_OUTPUTS = True
-    yield
-    _triton_pkg.POISON_OUTPUTS = old
-
-
 def _compiled(cost, a, b, eps, n_iters, tol):
     """(plan, loss, grad, iters) of the compiled solver through the autograd Function, loss weighted."""
     la, lb = ref.log_marginals(cost, a, b, torch.float32)
