@@ -129,6 +129,7 @@ class Case:
     fused: tuple = ("fastproto",)                        # rows that get the floor column
     compile_ref: Optional[str] = "reference"            # the row torch.compile is applied to
     bwd: bool = True
+    forward_only: tuple = ()                             # rows without a backward (inference kernels)
 
 
 def _nbytes(shape, dtype) -> int:
@@ -159,6 +160,8 @@ def cases(device, dtype, B, quick) -> List[Case]:
 
     # 2. prototype attention: INP-Former decoder (relu_cos, 6 INP tokens per image, 789 queries);
     #    DPDiff-AD (softmax, 8 prototypes, 1024 tokens); UIP-AD (softmax, 12 prototypes, 789 tokens)
+    compiled_attention = (("fastproto (impl='cuda', compiled, inference)",)
+                          if dev.type == "cuda" and _ext.has_op(ops_prototype.ATTENTION_OP, "cuda") else ())
     for kind, M, N in (("relu_cos", 6, 789), ("softmax", 8, 1024), ("softmax", 12, 789)):
         qs, ks = (B, HEADS, N, HEAD_DIM), (B, HEADS, M, HEAD_DIM)
         t, tk = _nbytes(qs, dtype), _nbytes(ks, dtype)
@@ -166,6 +169,9 @@ def cases(device, dtype, B, quick) -> List[Case]:
         impls = {"fastproto": lambda q, k, v, kind=kind, s=scale: ops.prototype_attention(q, k, v, kind=kind, scale=s),
                  "reference": lambda q, k, v, kind=kind, s=scale: ref_proto.prototype_attention(q, k, v, kind=kind,
                                                                                                  scale=s)}
+        for name in compiled_attention:
+            impls[name] = lambda q, k, v, kind=kind, s=scale: ops.prototype_attention(q, k, v, kind=kind, scale=s,
+                                                                                      impl="cuda")
         if kind == "relu_cos":
             impls["INP-Former matmul"] = lambda q, k, v, s=scale: inp_prototype_attention(q, k, v, s)
         else:
@@ -173,7 +179,8 @@ def cases(device, dtype, B, quick) -> List[Case]:
         out.append(Case(
             f"prototype_attention ({kind})", f"B={B} H={HEADS} N={N} M={M} D={HEAD_DIM}",
             lambda qs=qs, ks=ks: {"q": rand(*qs), "k": rand(*ks), "v": rand(*ks)},
-            impls, ["q", "k", "v"], floor_fwd=2 * t + 2 * tk, floor_bwd=5 * t + 6 * tk))
+            impls, ["q", "k", "v"], floor_fwd=2 * t + 2 * tk, floor_bwd=5 * t + 6 * tk,
+            fused=("fastproto", *compiled_attention), forward_only=tuple(compiled_attention)))
 
     # 3. nearest routing (coherence loss): per-sample INP tokens (M=6), shared DPDiff local
     #    prototypes (M=8), and a 789-prototype bank (Pro-AD-sized) where [B,N,M] must not be built
@@ -190,7 +197,8 @@ def cases(device, dtype, B, quick) -> List[Case]:
              **{k: lambda x, p: ops.route(x, p, mode="nearest", impl="cuda") for k in compiled_nearest},
              "reference": lambda x, p: ref_proto.route(x, p, mode="nearest"),
              "normalised matmul + min": matmul_route_nearest},
-            ["x", "p"], floor_fwd=fwd, floor_bwd=fwd + 2 * _nbytes(xs, dtype) + 2 * _nbytes(ps, dtype)))
+            ["x", "p"], floor_fwd=fwd, floor_bwd=fwd + 2 * _nbytes(xs, dtype) + 2 * _nbytes(ps, dtype),
+            fused=("fastproto", *compiled_nearest)))
 
     # soft routing (UIP-AD's target: per-sample bank of 12, tau 0.1) and linear routing (BoRAD: per-location
     # bank, 64 locations x 7 prototypes x 2048 channels). With gradients and M < 64, impl="auto" takes the
@@ -318,7 +326,8 @@ def sinkhorn_cases(device, K_list) -> List[Case]:
             pass
         out.append(Case("sinkhorn (100 it, eps 0.05)", f"64 problems × 1024 × K={K}",
                         lambda shp=shp: {"cost": torch.rand(*shp, device=dev) * 2.0},
-                        impls, [], floor_fwd=2 * t, bwd=False))
+                        impls, [], floor_fwd=2 * t, bwd=False,
+                        fused=("fastproto", "fastproto (impl='cuda', compiled)")))
     return out
 
 
@@ -390,6 +399,8 @@ def run_case(case: Case, *, device, backward, repeats, inner, compile_ref, bw) -
         impls[f"torch.compile({case.compile_ref})"] = torch.compile(case.impls[case.compile_ref], dynamic=False)
     rows = []
     for name, fn in impls.items():
+        if backward and name in case.forward_only:
+            continue
         t_c = None
         try:
             run = _runner(fn, inputs, case.grad_inputs, backward)

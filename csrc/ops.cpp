@@ -28,6 +28,11 @@ TORCH_LIBRARY(fastproto, m) {
   // (ties: lowest index; NaN wins, as torch.min) into index [B,N] int64.
   m.def("route_nearest(Tensor x, Tensor prototypes, bool per_location, float eps, Tensor(a!) dist, "
         "Tensor(b!) index) -> ()");
+  // Prototype attention forward (fastproto/reference/prototype.py; inference): q [B,H,N,D], k [B,H,M,D] or
+  // shared [H,M,D], v like k with Dv, per-head scale [H] float32, kind 0 = relu_cos (eps: the norm floor),
+  // 1 = softmax; writes out [B,H,N,Dv] in q's dtype.
+  m.def("prototype_attention_forward(Tensor q, Tensor k, Tensor v, Tensor scale, int kind, float eps, "
+        "Tensor(a!) out) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

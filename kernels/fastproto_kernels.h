@@ -78,5 +78,23 @@ cudaError_t launch_route_nearest(ElementType dtype, const void* x, const int64_t
                                  const int64_t* i_strides, int64_t B, int64_t N, int64_t M, int64_t C,
                                  bool per_location, float eps, cudaStream_t stream);
 
+// ---- Prototype attention forward (kernels/prototype.cu; per-query routine in kernels/prototype_attention.h).
+// Element strides: q [B,H,N,D], k [B,H,M,D] and v [B,H,M,Dv] (batch stride 0 for shared [H,M,*] banks),
+// out [B,H,N,Dv]; scale: H float32 (device); kind 0 = relu_cos, 1 = softmax; 1 <= M <= 64.
+struct ProtoAttnArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const float* scale;
+  void* out;
+  int64_t q_strides[4], k_strides[4], v_strides[4], o_strides[4];
+  int64_t B, H, N, D, Dv;
+  int M, kind;
+  float eps;
+};
+
+// One warp per query row. Requires B*H*N / 8 < 2^31 blocks.
+cudaError_t launch_prototype_attention(ElementType dtype, const ProtoAttnArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastproto

@@ -34,7 +34,9 @@ def run(test_file: str, seed: int, timeout: int = 600) -> dict:
     assert proc.returncode == 0 and lines, (
         f"interpreter subprocess failed (seed={seed}, rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
         f"{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len(_TAG):])
+    results = json.loads(lines[-1][len(_TAG):])
+    results["_seed"] = seed  # in every assertion message that prints the results, to replay a failure
+    return results
 
 
 def results_fixture(test_file: str):

@@ -622,6 +622,12 @@ def test_compiled_route_nearest_matches_float64(bank, M, dtype, seed, poisoned):
         g = torch.randn(B, N, generator=gen) * same
         for a, b in zip(torch.autograd.grad(d, [x, p], g), torch.autograd.grad(dr, [x, p], g)):
             assert _rel(a, b) <= 1e-5, f"seed={seed}"
+        # only the bank requires grad (frozen features routed to learnt prototypes): it still gets one
+        pp = p.detach().requires_grad_()
+        (gp,) = torch.autograd.grad(_compiled_route(x.detach(), pp, loc)[0], pp, g)
+        (gp_r,) = torch.autograd.grad(route(x.detach(), pp, per_location=loc if pp.dim() == 3 else None,
+                                            impl="reference")[0], pp, g)
+        assert _rel(gp, gp_r) <= 1e-5, f"seed={seed}"
 
 
 @needs_compiled
@@ -659,6 +665,83 @@ def test_compiled_route_nearest_argument_errors():
     for args, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
             op(*args)
+
+
+needs_compiled_attention = pytest.mark.skipif(not _ext.has_op(ops_proto.ATTENTION_OP, "cpu"),
+                                              reason="compiled extension with prototype_attention_forward not built")
+
+
+def _compiled_attn(q, k, v, kind, scale):
+    H, D = q.shape[1], q.shape[-1]
+    s = _ref.head_scale(scale, H, 1.0 if kind == "relu_cos" else D ** -0.5, q.device, torch.float32)
+    return ops_proto._compiled_attention(q, k, v, s.reshape(H).contiguous(), kind)
+
+
+@needs_compiled_attention
+@pytest.mark.parametrize("kind", ["relu_cos", "softmax"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("M", [1, 6, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_attention_matches_float64(kind, shared, M, dtype, seed, poisoned):
+    gen = torch.Generator().manual_seed(seed)
+    B, H, N, D, DV = 2, 3, 37, 40, 24
+    q = _t(gen, (B, H, N, D), dtype, strided=True)
+    k = _t(gen, (H, M, D) if shared else (B, H, M, D), dtype, strided=M > 1)
+    v = _t(gen, (H, M, DV) if shared else (B, H, M, DV), dtype, strided=M > 1)
+    scale = torch.rand(H, generator=gen) + 0.5 if kind == "relu_cos" else 0.3
+    out = _compiled_attn(q, k, v, kind, scale)
+    want = np_attention(q.double(), k.double(), v.double(), kind,
+                        scale.double().numpy() if isinstance(scale, torch.Tensor) else scale)
+    assert out.dtype == dtype and out.shape == (B, H, N, DV) and torch.isfinite(out).all(), f"seed={seed}"
+    assert _rel(out, want) <= TOL[dtype], f"rel err {_rel(out, want):.2e} (seed={seed})"
+    ref_out = prototype_attention(q, k, v, kind=kind, scale=scale, impl="reference")
+    assert _rel(out, ref_out) <= TOL[dtype], f"seed={seed}"
+
+
+@needs_compiled_attention
+def test_compiled_attention_nan_and_zero_vectors(seed, poisoned):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _t(gen, (1, 2, 5, 4)), _t(gen, (2, 3, 4)), _t(gen, (2, 3, 4))
+    q[0, 0, 1, 2] = float("nan")
+    for kind in ("relu_cos", "softmax"):
+        out = _compiled_attn(q, k, v, kind, None)
+        assert torch.isnan(out[0, 0, 1]).all() and torch.isfinite(out[0, 1]).all(), kind
+        assert torch.isfinite(out[0, 0, [0, 2, 3, 4]]).all(), kind
+    zero = _compiled_attn(torch.zeros(1, 1, 2, 4), torch.zeros(1, 3, 4), torch.ones(1, 3, 4), "relu_cos", None)
+    assert torch.equal(zero, torch.zeros(1, 1, 2, 4))
+
+
+@needs_compiled_attention
+def test_compiled_attention_argument_errors():
+    op = _ext.op(ops_proto.ATTENTION_OP)
+    q, k, v, s = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 6), torch.ones(3)
+    out = torch.empty(2, 3, 5, 6)
+    cases = [
+        ((q[0], k, v, s, 0, 1e-12, out), "q must be"),
+        ((q.double(), k.double(), v.double(), s, 0, 1e-12, out.double()), "float32, float16 or bfloat16"),
+        ((q, k.half(), v, s, 0, 1e-12, out), "q's dtype"),
+        ((q, k, v[0], s, 0, 1e-12, out), "both"),
+        ((q, torch.randn(2, 3, 4, 7), v, s, 0, 1e-12, out), "k must be"),
+        ((q, torch.randn(2, 3, 65, 8), torch.randn(2, 3, 65, 6), s, 0, 1e-12, out), "M <= 64"),
+        ((q, k, torch.randn(2, 3, 5, 6), s, 0, 1e-12, out), "v must match k"),
+        ((q, k, v, s, 2, 1e-12, out), "kind must be"),
+        ((q, k, v, s, 0, 0.0, out), "eps must be"),
+        ((q, k, v, torch.ones(2), 0, 1e-12, out), "scale must be"),
+        ((q, k, v, s, 0, 1e-12, torch.empty(2, 3, 5, 8)), "out must be"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+
+
+def test_attention_cuda_impl_errors():
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(2, 3, 8)
+    with pytest.raises(RuntimeError, match="impl='cuda' needs CUDA tensors"):
+        prototype_attention(q, k, k, impl="cuda")
+    if torch.cuda.is_available() and _ext.has_op(ops_proto.ATTENTION_OP, "cuda"):
+        qc = q.cuda().requires_grad_()
+        with pytest.raises(RuntimeError, match="forward-only"):
+            prototype_attention(qc, k.cuda(), k.cuda(), impl="cuda")
 
 
 def test_route_cuda_impl_errors():
@@ -738,6 +821,26 @@ def test_gpu_route_nearest_real_shapes(impl, M, dtype, seed):
     assert _rel(d.cpu(), dr.cpu()) <= (1e-5 if dtype == torch.float32 else 1e-2)
     if dtype == torch.float32:
         assert _argmin_ok(idx.cpu(), x.double().cpu(), p.double().cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M", [6, 8, 12])
+@pytest.mark.parametrize("kind", ["relu_cos", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compiled_attention_real_shapes(M, kind, dtype, seed, poisoned):
+    """prototype_attention(impl="cuda") (inference) vs the reference; auto still takes Triton."""
+    if not _ext.has_op(ops_proto.ATTENTION_OP, "cuda"):
+        pytest.skip("the compiled extension has no CUDA kernel")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, H, N, D = 16, 12, 784, 64
+    q = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(B, H, M, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(B, H, M, D, device="cuda", generator=gen).to(dtype)
+    s = torch.rand(H, 1, 1, device="cuda", generator=gen) + 0.5 if kind == "relu_cos" else None
+    got = prototype_attention(q, k, v, kind=kind, scale=s, impl="cuda")
+    want = prototype_attention(q, k, v, kind=kind, scale=s, impl="reference")
+    assert _rel(got.cpu(), want.cpu()) <= (1e-5 if dtype == torch.float32 else 1e-2), f"seed={seed}"
 
 
 GPU_ROUTE_CASES = {  # name: (mode, x shape, bank shape, per_location)

@@ -13,7 +13,9 @@ layout (:mod:`fastproto.triton.route`): streaming over the prototypes, no [B, N,
 through the selected prototype only, is written in PyTorch below (O(B N C)). ``route(mode="nearest",
 impl="cuda")`` runs the compiled extension's kernel (``kernels/route.cu``, one warp per token; its
 per-token math, ``kernels/route_nearest.h``, is shared with the extension's CPU kernel, which the tests
-run); not yet measured on a GPU, so ``"auto"`` prefers Triton.
+run); not yet measured on a GPU, so ``"auto"`` prefers Triton. Likewise ``prototype_attention(...,
+impl="cuda")`` for inference (forward only): ``kernels/prototype.cu``, one warp per query, per-query
+routine ``kernels/prototype_attention.h`` shared with the CPU kernel.
 """
 from __future__ import annotations
 
@@ -66,6 +68,17 @@ def _compiled_nearest(x, p, per_location):
 
 
 _NEAREST = {"triton": _triton_nearest, "cuda": _compiled_nearest}
+
+ATTENTION_OP = "prototype_attention_forward"  # behind prototype_attention(impl="cuda"), inference only
+
+
+def _compiled_attention(q, k, v, scale, kind):
+    """``torch.ops.fastproto.prototype_attention_forward`` (CUDA kernel on CUDA tensors, the same routine
+    on the CPU): [B, H, N, Dv] in q's dtype; ``scale`` float32 [H]."""
+    B, H, N, _ = q.shape
+    out = empty_output((B, H, N, v.shape[-1]), q.dtype, q.device)
+    _ext.op(ATTENTION_OP)(q, k, v, scale, 0 if kind == "relu_cos" else 1, _ref.ATTN_NORM_EPS, out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +164,7 @@ class _RouteNearestFn(torch.autograd.Function):
         dx = _normalize_bwd(xn, xnorm, g * pn, eps)
         dsel = _normalize_bwd(pn, pnorm, g * xn, eps)
         dp = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:  # p (inputs: the kernel, x, p, per_location)
             dp = torch.zeros_like(pf)
             if pf.dim() == 2:
                 dp.index_add_(0, idx.reshape(-1), dsel.reshape(-1, C))
@@ -239,7 +252,8 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
             per head, a tensor of H elements such as [H] or INP-Former's [H, 1, 1] ``learn_scale``,
             or a number; default 1) or ``"softmax"`` (``softmax(scale · q kᵀ) v``; default
             ``D ** -0.5``).
-        impl: ``"auto"``, ``"triton"`` or ``"reference"``.
+        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (the compiled kernel; inference only: inputs that
+            require grad are refused) or ``"reference"``.
 
     Returns [B, H, N, Dv] in q's dtype. Differentiable w.r.t. q, k, v and a tensor ``scale``.
     """
@@ -281,11 +295,12 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
         if D > _MAX_D or DV > _MAX_D:
             return f"head dim D={D}/Dv={DV} > {_MAX_D}"
         if q.dtype not in _TRITON_DTYPES:
-            return f"dtype {q.dtype} (Triton path supports float16/bfloat16/float32)"
+            return f"dtype {q.dtype} (the kernels support float16/bfloat16/float32)"
         return None
 
     tensors = [q, k, v] + ([scale_t] if scale_t is not None else [])
-    chosen = resolve_impl(op, impl, tensors, impls=("triton",), has_backward=True, unsupported=unsupported)
+    chosen = resolve_impl(op, impl, tensors, impls=("triton", "cuda"), has_backward=True, unsupported=unsupported,
+                          compiled_op=ATTENTION_OP, forward_only=("cuda",))
     if chosen == "reference":
         return _ref.prototype_attention(q, k, v, kind=kind, scale=scale)
     default = 1.0 if kind == "relu_cos" else D ** -0.5
@@ -293,10 +308,12 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
         s_h = _ref.head_scale(scale_t.detach() if scale_t is not None else scale, H, default, q.device,
                               torch.float32).reshape(H).contiguous()
     with device_guard(q.device):
+        if chosen == "cuda":
+            return _compiled_attention(q, k, v, s_h, kind)
         return _ProtoAttnFn.apply(q, k, v, scale_t, kind, s_h)
 
 
-_MAX_M = 64
+_MAX_M = 64  # the Triton kernels hold the prototypes on chip; kMaxM of kernels/prototype_attention.h
 _MAX_D = 256
 _ROUTE_STREAM_MIN_M = 64  # impl="auto" with gradients: below this M the reference is faster
 

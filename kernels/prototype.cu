@@ -1,0 +1,81 @@
+// Prototype attention forward (inference), CUDA kernel: one warp per query, its lanes splitting the head
+// dims (coalesced reads of q, k, v rows and of the output row). The per-query routine is
+// kernels/prototype_attention.h, shared with the CPU kernel. The few prototypes of a head are re-read per
+// query from L1/L2; q is read once from global memory per prototype pass and served from L1 after.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "fastproto_kernels.h"
+#include "prototype_attention.h"
+
+namespace fastproto {
+namespace cuda {
+namespace {
+
+constexpr unsigned kAllLanes = 0xffffffffu;
+constexpr int kWarpsPerBlock = 8;
+
+struct ToFloat {
+  __device__ __forceinline__ float operator()(float v) const { return v; }
+  __device__ __forceinline__ float operator()(__half v) const { return __half2float(v); }
+  __device__ __forceinline__ float operator()(__nv_bfloat16 v) const { return __bfloat162float(v); }
+};
+
+struct FromFloat {
+  __device__ __forceinline__ void operator()(float& dst, float v) const { dst = v; }
+  __device__ __forceinline__ void operator()(__half& dst, float v) const { dst = __float2half_rn(v); }
+  __device__ __forceinline__ void operator()(__nv_bfloat16& dst, float v) const { dst = __float2bfloat16_rn(v); }
+};
+
+// xor shuffles leave the sum in every lane of the warp
+struct WarpSum {
+  __device__ __forceinline__ float operator()(float v) const {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAllLanes, v, o);
+    return v;
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) prototype_attention_kernel(ProtoAttnArgs args) {
+  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (t >= args.B * args.H * args.N) return;  // whole warps leave together
+  const int64_t n = t % args.N, h = (t / args.N) % args.H, b = t / (args.N * args.H);
+  const T* q = static_cast<const T*>(args.q);
+  const T* k = static_cast<const T*>(args.k);
+  const T* v = static_cast<const T*>(args.v);
+  T* out = static_cast<T*>(args.out);
+  const proto::Rows<T> r{q + b * args.q_strides[0] + h * args.q_strides[1] + n * args.q_strides[2],
+                         args.q_strides[3],
+                         k + b * args.k_strides[0] + h * args.k_strides[1], args.k_strides[2], args.k_strides[3],
+                         v + b * args.v_strides[0] + h * args.v_strides[1], args.v_strides[2], args.v_strides[3],
+                         out + b * args.o_strides[0] + h * args.o_strides[1] + n * args.o_strides[2],
+                         args.o_strides[3]};
+  proto::attend(r, args.M, args.D, args.Dv, args.kind, args.scale[h], args.eps, threadIdx.x & 31, 32, ToFloat{},
+                FromFloat{}, WarpSum{});
+}
+
+template <typename T>
+cudaError_t launch_typed(const ProtoAttnArgs& args, cudaStream_t stream) {
+  const int64_t rows = args.B * args.H * args.N;
+  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  prototype_attention_kernel<T><<<dim3(unsigned(blocks)), dim3(kWarpsPerBlock * 32), 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_prototype_attention(ElementType dtype, const ProtoAttnArgs& args, cudaStream_t stream) {
+  if (args.B * args.H * args.N == 0) return cudaSuccess;
+  switch (dtype) {
+    case ElementType::kHalf:
+      return launch_typed<__half>(args, stream);
+    case ElementType::kBFloat16:
+      return launch_typed<__nv_bfloat16>(args, stream);
+    default:
+      return launch_typed<float>(args, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastproto
