@@ -34,9 +34,7 @@ def run(test_file: str, seed: int, timeout: int = 600) -> dict:
     assert proc.returncode == 0 and lines, (
         f"interpreter subprocess failed (seed={seed}, rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
         f"{proc.stderr[-5000:]}")
-    results = json.loads(lines[-1][len(_TAG):])
-    results["_seed"] = seed  # in every assertion message that prints the results, to replay a failure
-    return results
+    return json.loads(lines[-1][len(_TAG):])
 
 
 def results_fixture(test_file: str):
@@ -71,10 +69,11 @@ def model_deltas(runs: dict) -> dict:
             "grad_rel": float((g1 - g0).abs().max() / g0.abs().max())}
 
 
-def check_model_deltas(res: dict, maps=("anomaly_map",), map_tol: float = 1e-3, loss_tol: float = 1e-4,
+def check_model_deltas(res: dict, seed: int, maps=("anomaly_map",), map_tol: float = 1e-3, loss_tol: float = 1e-4,
                        grad_tol: float = 1e-3) -> None:
-    """Assert :func:`model_deltas` results: exactly the ``maps`` compared, each within its tolerance."""
-    assert set(res["map_rel"]) == set(maps), res
-    assert all(v <= map_tol for v in res["map_rel"].values()), res
-    assert all(v <= loss_tol for v in res["loss"].values()), res
-    assert res["grad_rel"] <= grad_tol, res
+    """Assert :func:`model_deltas` results (of the child run with ``seed``, named in every message so that a
+    failure can be replayed): exactly the ``maps`` compared, each within its tolerance."""
+    assert set(res["map_rel"]) == set(maps), f"{res} (seed={seed})"
+    assert all(v <= map_tol for v in res["map_rel"].values()), f"{res} (seed={seed})"
+    assert all(v <= loss_tol for v in res["loss"].values()), f"{res} (seed={seed})"
+    assert res["grad_rel"] <= grad_tol, f"{res} (seed={seed})"

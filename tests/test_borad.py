@@ -613,7 +613,7 @@ def _interpreter_main(seed: int) -> None:
 
 def test_triton_model_matches_reference_under_interpreter():
     seed = int.from_bytes(os.urandom(3), "little")
-    _interpreter.check_model_deltas(_interpreter.run(__file__, seed))  # skips without triton
+    _interpreter.check_model_deltas(_interpreter.run(__file__, seed), seed)  # skips without triton
 
 
 if __name__ == "__main__":
