@@ -10,20 +10,6 @@
 namespace fastproto {
 namespace {
 
-struct ToFloat {
-  template <typename T>
-  float operator()(T v) const { return static_cast<float>(v); }
-};
-
-struct FromFloat {
-  template <typename T>
-  void operator()(T& dst, float v) const { dst = static_cast<T>(v); }
-};
-
-struct OneThread {
-  float operator()(float v) const { return v; }
-};
-
 template <typename T>
 void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& scale, int kind,
                 float eps, at::Tensor& out) {
@@ -43,7 +29,7 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
                              kp + b * kb + h * kh, k.stride(-2), k.stride(-1),
                              vp + b * vb + h * vh, v.stride(-2), v.stride(-1),
                              op + b * out.stride(0) + h * out.stride(1) + n * out.stride(2), out.stride(3)};
-      proto::attend(r, int(M), D, Dv, kind, sp[h], eps, 0, 1, ToFloat{}, FromFloat{}, OneThread{});
+      proto::attend(r, int(M), D, Dv, kind, sp[h], eps, 0, 1, CastToFloat{}, CastFromFloat{}, OneThreadSum{});
     }
   });
 }

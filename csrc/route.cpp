@@ -10,15 +10,6 @@
 namespace fastproto {
 namespace {
 
-struct ToFloat {
-  template <typename T>
-  float operator()(T v) const { return static_cast<float>(v); }
-};
-
-struct OneThread {
-  float operator()(float v) const { return v; }
-};
-
 template <typename T>
 void nearest_batch(const at::Tensor& x, const at::Tensor& p, bool per_location, double eps, at::Tensor& dist,
                    at::Tensor& index) {
@@ -35,7 +26,7 @@ void nearest_batch(const at::Tensor& x, const at::Tensor& p, bool per_location, 
       int64_t best_m;
       route::nearest_token(xp + b * x.stride(0) + n * x.stride(1), x.stride(2),
                            pp + route::bank_offset(b, n, per_location, p_bank), p.stride(-2), p.stride(-1), M, C, 0,
-                           1, float(eps), ToFloat{}, OneThread{}, best, best_m);
+                           1, float(eps), CastToFloat{}, OneThreadSum{}, best, best_m);
       dp[b * dist.stride(0) + n * dist.stride(1)] = best;
       ip[b * index.stride(0) + n * index.stride(1)] = best_m;
     }

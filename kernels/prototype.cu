@@ -2,39 +2,15 @@
 // dims (coalesced reads of q, k, v rows and of the output row). The per-query routine is
 // kernels/prototype_attention.h, shared with the CPU kernel. The few prototypes of a head are re-read per
 // query from L1/L2; q is read once from global memory per prototype pass and served from L1 after.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "fastproto_kernels.h"
 #include "prototype_attention.h"
+#include "warp.cuh"
 
 namespace fastproto {
 namespace cuda {
 namespace {
 
-constexpr unsigned kAllLanes = 0xffffffffu;
 constexpr int kWarpsPerBlock = 8;
-
-struct ToFloat {
-  __device__ __forceinline__ float operator()(float v) const { return v; }
-  __device__ __forceinline__ float operator()(__half v) const { return __half2float(v); }
-  __device__ __forceinline__ float operator()(__nv_bfloat16 v) const { return __bfloat162float(v); }
-};
-
-struct FromFloat {
-  __device__ __forceinline__ void operator()(float& dst, float v) const { dst = v; }
-  __device__ __forceinline__ void operator()(__half& dst, float v) const { dst = __float2half_rn(v); }
-  __device__ __forceinline__ void operator()(__nv_bfloat16& dst, float v) const { dst = __float2bfloat16_rn(v); }
-};
-
-// xor shuffles leave the sum in every lane of the warp
-struct WarpSum {
-  __device__ __forceinline__ float operator()(float v) const {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAllLanes, v, o);
-    return v;
-  }
-};
 
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) prototype_attention_kernel(ProtoAttnArgs args) {

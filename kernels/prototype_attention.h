@@ -9,11 +9,8 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FASTPROTO_HD __host__ __device__ __forceinline__
-#else
-#define FASTPROTO_HD inline
-#endif
+#include "host_device.h"
+
 
 namespace fastproto {
 namespace proto {
@@ -36,9 +33,7 @@ struct Rows {
 
 // One query's output, by `lanes` threads that take the dims lane, lane + lanes, ...; `sum` turns a thread's
 // partial sum into the group's sum (identity for one thread), `load` / `store` convert to and from float.
-#if defined(__CUDACC__)
-#pragma nv_exec_check_disable
-#endif
+FASTPROTO_HD_TEMPLATE
 template <typename T, typename Load, typename Store, typename Sum>
 FASTPROTO_HD void attend(const Rows<T>& r, int M, int64_t D, int64_t Dv, int kind, float scale, float eps, int lane,
                          int lanes, const Load& load, const Store& store, const Sum& sum) {

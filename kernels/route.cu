@@ -2,33 +2,15 @@
 // reads of the token and of each prototype row); the per-token math is kernels/route_nearest.h, shared with
 // the CPU kernel. Memory-bound for the few-prototype banks of the models: the token row is read from global
 // memory once per prototype and served from L1 after the first.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "fastproto_kernels.h"
 #include "route_nearest.h"
+#include "warp.cuh"
 
 namespace fastproto {
 namespace cuda {
 namespace {
 
-constexpr unsigned kAllLanes = 0xffffffffu;
 constexpr int kWarpsPerBlock = 8;
-
-struct ToFloat {
-  __device__ __forceinline__ float operator()(float v) const { return v; }
-  __device__ __forceinline__ float operator()(__half v) const { return __half2float(v); }
-  __device__ __forceinline__ float operator()(__nv_bfloat16 v) const { return __bfloat162float(v); }
-};
-
-// xor shuffles leave the sum in every lane of the warp
-struct WarpSum {
-  __device__ __forceinline__ float operator()(float v) const {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAllLanes, v, o);
-    return v;
-  }
-};
 
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) route_nearest_kernel(

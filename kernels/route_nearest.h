@@ -8,11 +8,8 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FASTPROTO_HD __host__ __device__ __forceinline__
-#else
-#define FASTPROTO_HD inline
-#endif
+#include "host_device.h"
+
 
 namespace fastproto {
 namespace route {
@@ -41,9 +38,7 @@ FASTPROTO_HD void take_nearest(float& best, int64_t& best_m, float d, int64_t m)
 // lane + lanes, ... of the token row xr and of the prototype rows bank + m * p_sm; `sum` turns a thread's
 // partial sum into the sum over the threads (the identity for one thread), `load` reads an element as float.
 // Writes (best, best_m): the minimum distance and its index (valid in every thread of the group).
-#if defined(__CUDACC__)
-#pragma nv_exec_check_disable
-#endif
+FASTPROTO_HD_TEMPLATE
 template <typename T, typename Load, typename Sum>
 FASTPROTO_HD void nearest_token(const T* xr, int64_t x_sc, const T* bank, int64_t p_sm, int64_t p_sc, int64_t M,
                                 int64_t C, int lane, int lanes, float eps, const Load& load, const Sum& sum,

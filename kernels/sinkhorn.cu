@@ -3,13 +3,13 @@
 // CPU kernel); this file supplies the block-wide reductions (a Team) and the cost / plan access (an Io).
 #include "fastproto_kernels.h"
 #include "sinkhorn_solver.h"
+#include "warp.cuh"
 
 namespace fastproto {
 namespace cuda {
 namespace {
 
 using sinkhorn::kMaxK;
-constexpr unsigned kAllLanes = 0xffffffffu;
 constexpr int kMaxWarps = 8;  // threads per block <= 256
 
 struct DeviceIo {

@@ -26,13 +26,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#define FASTPROTO_HD __host__ __device__ __forceinline__
-#define FASTPROTO_HD_TEMPLATE _Pragma("nv_exec_check_disable")
-#else
-#define FASTPROTO_HD inline
-#define FASTPROTO_HD_TEMPLATE
-#endif
+#include "host_device.h"
+
 
 namespace fastproto {
 namespace sinkhorn {

@@ -1,0 +1,35 @@
+// Device helpers of the CUDA kernels: the full-warp lane mask, and for the one-warp-per-row kernels
+// (kernels/route.cu, kernels/prototype.cu) the element conversions and the warp-wide sum they pass to the
+// shared host/device routines.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace fastproto {
+namespace cuda {
+
+constexpr unsigned kAllLanes = 0xffffffffu;
+
+struct ToFloat {
+  __device__ __forceinline__ float operator()(float v) const { return v; }
+  __device__ __forceinline__ float operator()(__half v) const { return __half2float(v); }
+  __device__ __forceinline__ float operator()(__nv_bfloat16 v) const { return __bfloat162float(v); }
+};
+
+struct FromFloat {
+  __device__ __forceinline__ void operator()(float& dst, float v) const { dst = v; }
+  __device__ __forceinline__ void operator()(__half& dst, float v) const { dst = __float2half_rn(v); }
+  __device__ __forceinline__ void operator()(__nv_bfloat16& dst, float v) const { dst = __float2bfloat16_rn(v); }
+};
+
+// xor shuffles leave the sum in every lane of the warp
+struct WarpSum {
+  __device__ __forceinline__ float operator()(float v) const {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kAllLanes, v, o);
+    return v;
+  }
+};
+
+}  // namespace cuda
+}  // namespace fastproto
