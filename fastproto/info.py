@@ -18,6 +18,26 @@ def _triton_version():
         return None
 
 
+def _compiled_ops() -> dict:
+    """op -> the extension operator behind its ``impl="cuda"`` (named where the op defines it)."""
+    import importlib
+
+    proto = importlib.import_module("fastproto.ops.prototype")
+    return {"prototype_attention": proto.ATTENTION_OP, "route": proto.NEAREST_OP,
+            "sinkhorn": importlib.import_module("fastproto.ops.sinkhorn").COMPILED_OP}
+
+
+def _op_implementations(name: str) -> dict:
+    """What ``impl="auto"`` runs on each device, and whether the compiled ``impl="cuda"`` kernel is built."""
+    compiled = _compiled_ops().get(name)
+    has_cuda_kernel = compiled is not None and _ext.has_op(compiled, "cuda")
+    auto_cuda = "triton" if _triton_version() else ("cuda" if has_cuda_kernel else "reference")
+    entry = {"cpu": "reference", "cuda": auto_cuda}
+    if compiled is not None:
+        entry["impl='cuda'"] = "built" if has_cuda_kernel else "not built"
+    return entry
+
+
 def info(print_out: bool = True) -> dict:
     """Collect (and by default print) versions and active implementations."""
     import fastproto
@@ -48,8 +68,8 @@ def info(print_out: bool = True) -> dict:
                 "cpu": "c++" if _ext.has_op("histogram_update", "cpu") else "torch",
                 "cuda": "cuda" if _ext.has_op("histogram_update", "cuda") else "torch",
             },
-            **{name: {"cpu": "reference", "cuda": "triton" if _triton_version() else "reference"}
-               for name in ("anomaly_map", "linear_attention", "prototype_attention", "route", "sinkhorn")},
+            **{name: _op_implementations(name) for name in
+               ("anomaly_map", "linear_attention", "prototype_attention", "route", "sinkhorn")},
         },
     }
     if print_out:

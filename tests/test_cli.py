@@ -15,6 +15,12 @@ def test_info_runs(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "implementations:" in out
+    from fastproto import _ext
+    from fastproto.info import info
+
+    impls = info(print_out=False)["implementations"]
+    want = "built" if _ext.has_op("sinkhorn_solve", "cuda") else "not built"
+    assert impls["sinkhorn"]["impl='cuda'"] == want and "impl='cuda'" not in impls["linear_attention"]
 
 
 def test_eval_npz_matches_evaluator(tmp_path, rng, capsys):
