@@ -1,0 +1,85 @@
+"""The implementation choice of every op (``fastproto.ops._dispatch.resolve_impl``), decided without a GPU:
+the inputs are stand-ins that carry only a device and ``requires_grad`` (all the dispatcher reads), and the
+availability of Triton and of the extension's CUDA kernels is set per test."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastproto.ops import _dispatch
+
+
+def _inputs(device="cuda", grad=False):
+    return [SimpleNamespace(device=torch.device(device, 0) if device == "cuda" else torch.device(device),
+                            requires_grad=grad)]
+
+
+@pytest.fixture
+def available(monkeypatch):
+    """``available(triton=..., compiled=...)``: whether Triton imports and the extension has CUDA kernels."""
+
+    def set_(triton: bool, compiled: bool):
+        monkeypatch.setattr(_dispatch._triton_pkg, "is_available", lambda: triton)
+        monkeypatch.setattr(_dispatch._ext, "available", lambda: True)
+        monkeypatch.setattr(_dispatch._ext, "has_op", lambda name, device="cpu": compiled)
+
+    return set_
+
+
+def resolve(impl, inputs, **kw):
+    kw.setdefault("impls", ("triton", "cuda"))
+    kw.setdefault("compiled_op", "some_op")
+    return _dispatch.resolve_impl("op", impl, inputs, **kw)
+
+
+def test_auto_prefers_triton_then_the_compiled_kernel_then_the_reference(available):
+    available(triton=True, compiled=True)
+    assert resolve("auto", _inputs()) == "triton"
+    available(triton=False, compiled=True)
+    assert resolve("auto", _inputs()) == "cuda"
+    available(triton=False, compiled=False)
+    assert resolve("auto", _inputs()) == "reference"
+    assert resolve("auto", _inputs("cpu")) == "reference"
+
+
+def test_forward_only_kernels_are_skipped_or_refused_for_training(available):
+    available(triton=False, compiled=True)
+    assert resolve("auto", _inputs(grad=True), forward_only=("cuda",)) == "reference"
+    assert resolve("auto", _inputs(grad=False), forward_only=("cuda",)) == "cuda"
+    with pytest.raises(RuntimeError, match="forward-only"):
+        resolve("cuda", _inputs(grad=True), forward_only=("cuda",))
+    with torch.no_grad():  # no graph is built: the inference kernel may run
+        assert resolve("cuda", _inputs(grad=True), forward_only=("cuda",)) == "cuda"
+
+
+def test_forced_cuda_names_what_is_missing(available, monkeypatch):
+    available(triton=True, compiled=False)
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        resolve("cuda", _inputs())
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        resolve("cuda", _inputs("cpu"))
+    with pytest.raises(RuntimeError, match="no compiled CUDA kernel"):
+        resolve("cuda", _inputs(), compiled_op=None)
+    monkeypatch.setattr(_dispatch._ext, "available", lambda: False)
+    monkeypatch.setattr(_dispatch._ext, "load_error", lambda: "not built")
+    with pytest.raises(RuntimeError, match="fastproto._C is not loaded"):
+        resolve("cuda", _inputs())
+
+
+def test_unsupported_inputs_fall_back_under_auto_and_raise_when_forced(available):
+    available(triton=True, compiled=True)
+    with pytest.warns(RuntimeWarning, match="using the reference"):
+        assert resolve("auto", _inputs(), unsupported=lambda: "a reason seen once") == "reference"
+    for impl in ("triton", "cuda"):
+        with pytest.raises(RuntimeError, match="cannot run these inputs: another reason"):
+            resolve(impl, _inputs(), unsupported=lambda: "another reason")
+
+
+def test_impl_outside_the_ops_choices_is_refused(available):
+    available(triton=True, compiled=True)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve("cuda", _inputs(), impls=("triton",))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve("fast", _inputs())
