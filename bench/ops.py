@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fastproto  # noqa: E402
 from fastproto import _ext, ops  # noqa: E402
-ops_prototype = importlib.import_module("fastproto.ops.prototype")  # the modules (ops re-exports the functions)
+ops_linear_attention = importlib.import_module("fastproto.ops.linear_attention")  # the modules (ops re-exports
+ops_prototype = importlib.import_module("fastproto.ops.prototype")  # functions of the same names)
 ops_sinkhorn = importlib.import_module("fastproto.ops.sinkhorn")
 from fastproto.reference import linear_attention as ref_la  # noqa: E402
 from fastproto.reference import losses as ref_losses  # noqa: E402
@@ -150,13 +151,17 @@ def cases(device, dtype, B, quick) -> List[Case]:
     for N in ((789,) if quick else (789, 1024)):
         shp = (B, HEADS, N, HEAD_DIM)
         t = _nbytes(shp, dtype)
+        compiled_la = (("fastproto (impl='cuda', compiled, inference)",)
+                       if dev.type == "cuda" and _ext.has_op(ops_linear_attention.COMPILED_OP, "cuda") else ())
         out.append(Case(
             "linear_attention (elu+1)", f"B={B} H={HEADS} N={N} D={HEAD_DIM}",
             lambda shp=shp: {"q": rand(*shp), "k": rand(*shp), "v": rand(*shp)},
             {"fastproto": lambda q, k, v: ops.linear_attention(q, k, v, impl="auto"),
+             **{name: lambda q, k, v: ops.linear_attention(q, k, v, impl="cuda") for name in compiled_la},
              "reference": lambda q, k, v: ref_la.linear_attention(q, k, v, phi="elu", eps=1e-6),
              "Dinomaly einsum": dinomaly_linear_attention},
-            ["q", "k", "v"], floor_fwd=4 * t, floor_bwd=11 * t))
+            ["q", "k", "v"], floor_fwd=4 * t, floor_bwd=11 * t, fused=("fastproto", *compiled_la),
+            forward_only=compiled_la))
 
     # 2. prototype attention: INP-Former decoder (relu_cos, 6 INP tokens per image, 789 queries);
     #    DPDiff-AD (softmax, 8 prototypes, 1024 tokens); UIP-AD (softmax, 12 prototypes, 789 tokens)

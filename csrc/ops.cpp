@@ -33,6 +33,11 @@ TORCH_LIBRARY(fastproto, m) {
   // 1 = softmax; writes out [B,H,N,Dv] in q's dtype.
   m.def("prototype_attention_forward(Tensor q, Tensor k, Tensor v, Tensor scale, int kind, float eps, "
         "Tensor(a!) out) -> ()");
+  // Linear attention forward (fastproto/reference/linear_attention.py; inference): q [B,H,Nq,D], k [B,H,Nk,D],
+  // v [B,H,Nk,Dv], phi 0 = elu+1, 1 = relu; writes out [B,H,Nq,Dv] (q's dtype) and the float32 kv state
+  // [B,H,D,Dv].
+  m.def("linear_attention_forward(Tensor q, Tensor k, Tensor v, int phi, float eps, Tensor(a!) out, "
+        "Tensor(b!) state) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

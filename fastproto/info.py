@@ -23,7 +23,8 @@ def _compiled_ops() -> dict:
     import importlib
 
     proto = importlib.import_module("fastproto.ops.prototype")
-    return {"prototype_attention": proto.ATTENTION_OP, "route": proto.NEAREST_OP,
+    return {"linear_attention": importlib.import_module("fastproto.ops.linear_attention").COMPILED_OP,
+            "prototype_attention": proto.ATTENTION_OP, "route": proto.NEAREST_OP,
             "sinkhorn": importlib.import_module("fastproto.ops.sinkhorn").COMPILED_OP}
 
 

@@ -96,5 +96,22 @@ struct ProtoAttnArgs {
 // One warp per query row. Requires B*H*N / 8 < 2^31 blocks.
 cudaError_t launch_prototype_attention(ElementType dtype, const ProtoAttnArgs& args, cudaStream_t stream);
 
+// ---- Linear attention forward, output pass (kernels/linear_attention.cu; per-query routine in
+// kernels/linear_attention_row.h). Element strides of q [B,H,N,D] and out [B,H,N,Dv]; state [B,H,D,Dv] and
+// ksum [B,H,D] float32 contiguous; phi 0 = elu+1, 1 = relu.
+struct LinAttnArgs {
+  const void* q;
+  void* out;
+  const float* state;
+  const float* ksum;
+  int64_t q_strides[4], o_strides[4];
+  int64_t B, H, N, D, Dv;
+  int phi;
+  float eps;
+};
+
+// One warp per query. Requires B*H*N / 8 < 2^31 blocks.
+cudaError_t launch_linear_attention(ElementType dtype, const LinAttnArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastproto

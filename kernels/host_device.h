@@ -13,9 +13,13 @@
 
 namespace fastproto {
 
-// A group of one thread (the CPU kernels): its partial sums are the sums, elements convert by casts.
+// A group of one thread (the CPU kernels): its partial sums are the sums, its values need no broadcast,
+// elements convert by casts.
 struct OneThreadSum {
   float operator()(float v) const { return v; }
+};
+struct OneThreadBcast {
+  float operator()(float v, int) const { return v; }
 };
 struct CastToFloat {
   template <typename T>

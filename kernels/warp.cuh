@@ -31,5 +31,10 @@ struct WarpSum {
   }
 };
 
+// lane l's value in every lane of the warp
+struct WarpBcast {
+  __device__ __forceinline__ float operator()(float v, int l) const { return __shfl_sync(kAllLanes, v, l); }
+};
+
 }  // namespace cuda
 }  // namespace fastproto

@@ -20,7 +20,7 @@ def test_info_runs(capsys):
 
     impls = info(print_out=False)["implementations"]
     want = "built" if _ext.has_op("sinkhorn_solve", "cuda") else "not built"
-    assert impls["sinkhorn"]["impl='cuda'"] == want and "impl='cuda'" not in impls["linear_attention"]
+    assert impls["sinkhorn"]["impl='cuda'"] == want and "impl='cuda'" not in impls["anomaly_map"]
 
 
 def test_eval_npz_matches_evaluator(tmp_path, rng, capsys):

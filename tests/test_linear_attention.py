@@ -7,6 +7,8 @@
   ``__main__``), with every buffer the Triton path allocates poisoned with NaN and strided inputs
   taken as views into NaN-filled storage;
 - ``LinearAttention`` vs a restatement of Dinomaly's ``LinearAttention2`` forward;
+- the compiled inference kernel's per-query routine (shared by its CUDA and CPU kernels) through the CPU kernel
+  vs the float64 restatement: every case x layout x dtype, NaN, eps, argument errors;
 - GPU tests at real shapes (skipped without CUDA).
 """
 from __future__ import annotations
@@ -20,11 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import _interpreter
+from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import LinearAttention, LinearCrossAttention, linear_attention
 from fastproto.ops.linear_attention import linear_attention_with_state
 
 ref = importlib.import_module("fastproto.reference.linear_attention")
+ops_la = importlib.import_module("fastproto.ops.linear_attention")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +199,8 @@ def test_bad_inputs():
         ((q, k, v), {"phi": "softmax"}, ValueError, "phi must be one of"),
         ((q, k, v), {"eps": -1.0}, ValueError, "eps must be"),
         ((q, k, v), {"eps": float("nan")}, ValueError, "eps must be"),
-        ((q, k, v), {"impl": "cuda"}, ValueError, "impl must be one of"),
+        ((q, k, v), {"impl": "cuda"}, RuntimeError, "impl='cuda' needs CUDA tensors"),
+        ((q, k, v), {"impl": "cutlass"}, ValueError, "impl must be one of"),
     ]
     for args, kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -409,6 +414,78 @@ def test_triton_interpreter_nan_unsupported_module(interpreter_results):
 
 
 # ----------------------------------------------------------------------------------------------
+# compiled linear_attention_forward (inference): the per-query routine shared by the CUDA and CPU kernels,
+# run by the CPU kernel
+# ----------------------------------------------------------------------------------------------
+
+needs_compiled = pytest.mark.skipif(not _ext.has_op(ops_la.COMPILED_OP, "cpu"),
+                                    reason="compiled extension with linear_attention_forward not built")
+
+
+@needs_compiled
+@pytest.mark.parametrize("phi", ["elu", "relu"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_compiled_forward_matches_float64(case, phi, dtype, tol, rng, poisoned):
+    seed = _seed(rng)
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Nq, Nk, D, Dv = CASES[case]
+    for i, layout in enumerate(LAYOUTS):
+        q = _make(gen, (B, H, Nq, D), dtype, layout)
+        k = _make(gen, (B, H, Nk, D), dtype, LAYOUTS[(i + 1) % len(LAYOUTS)])
+        v = _make(gen, (B, H, Nk, Dv), dtype, LAYOUTS[(i + 2) % len(LAYOUTS)])
+        out, state = ops_la._compiled_forward(q, k, v, phi, 1e-6)
+        want, want_state = _expected64(q, k, v, phi, 1e-6)
+        assert out.shape == (B, H, Nq, Dv) and out.dtype == dtype and state.dtype == torch.float32
+        assert torch.isfinite(out).all(), f"{case} {layout}: non-finite (seed={seed})"
+        err = _rel_err(out, want)
+        assert err <= tol, f"{case} {phi} {dtype} {layout}: rel err {err:.2e} > {tol} (seed={seed})"
+        assert _rel_err(state, want_state) <= tol, f"{case} {layout}: state (seed={seed})"
+
+
+@needs_compiled
+def test_compiled_forward_nan_and_eps(rng, poisoned):
+    gen = torch.Generator().manual_seed(_seed(rng))
+    q, k, v = (_make(gen, s) for s in [(2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 4)])
+    q2 = q.clone()
+    q2[0, 1, 3, 2] = float("nan")
+    out, _ = ops_la._compiled_forward(q2, k, v, "elu", 1e-6)
+    nan_mask = torch.zeros_like(out, dtype=torch.bool)
+    nan_mask[0, 1, 3] = True
+    assert torch.isnan(out[nan_mask]).all() and torch.isfinite(out[~nan_mask]).all()
+    for phi in ("elu", "relu"):
+        k2 = k.clone()
+        k2[1, 0, 4, 0] = float("nan")
+        out, _ = ops_la._compiled_forward(q, k2, v, phi, 1e-6)
+        assert torch.isnan(out[1, 0]).all() and torch.isfinite(out[0]).all(), phi
+    # relu of all-negative queries: 0 / (0 + eps) = 0, as the reference
+    out, _ = ops_la._compiled_forward(-q.abs() - 1, k, v, "relu", 0.5)
+    assert torch.equal(out, ref.linear_attention(-q.abs() - 1, k, v, phi="relu", eps=0.5))
+
+
+@needs_compiled
+def test_compiled_forward_argument_errors():
+    op = _ext.op(ops_la.COMPILED_OP)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 4)
+    out, st = torch.empty(2, 3, 5, 4), torch.empty(2, 3, 8, 4)
+    cases = [
+        ((q[0], k, v, 0, 1e-6, out, st), "must be \\[B,H,N,D\\]"),
+        ((q.double(), k.double(), v.double(), 0, 1e-6, out.double(), st), "float32, float16 or bfloat16"),
+        ((q, k.half(), v, 0, 1e-6, out, st), "q's dtype"),
+        ((q, torch.randn(2, 4, 6, 8), v, 0, 1e-6, out, st), "share batch and heads"),
+        ((q, torch.randn(2, 3, 6, 7), v, 0, 1e-6, out, st), "head dim"),
+        ((q, k, torch.randn(2, 3, 5, 4), 0, 1e-6, out, st), "tokens"),
+        ((q, k, v, 2, 1e-6, out, st), "phi must be"),
+        ((q, k, v, 0, -1.0, out, st), "eps must be"),
+        ((q, k, v, 0, 1e-6, torch.empty(2, 3, 5, 8), st), "out must be"),
+        ((q, k, v, 0, 1e-6, out, st.double()), "state must be"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU, real shapes (skipped without CUDA)
 # ----------------------------------------------------------------------------------------------
 
@@ -446,6 +523,26 @@ def test_gpu_triton_matches_reference_real_shapes(dtype, tol, phi, rng):
                       ("dk", g_t[1], g_r[1]), ("dv", g_t[2], g_r[2])):
         err = _rel_err(a, b, 1.0 if key.startswith("d") else 1e-30)
         assert err <= tol, f"{dtype} {phi} {key}: rel err {err:.2e} > {tol} (seed={seed})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("phi", ["elu", "relu"])
+def test_gpu_compiled_forward_real_shapes(dtype, tol, phi, rng, poisoned):
+    """linear_attention(impl="cuda") (inference) at Dinomaly's shapes from a packed qkv, vs the reference."""
+    if not _ext.has_op(ops_la.COMPILED_OP, "cuda"):
+        pytest.skip("the compiled extension has no CUDA kernel")
+    seed = _seed(rng)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, H, N, D = 16, 12, 789, 64
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
+    out, state = linear_attention_with_state(qkv[0], qkv[1], qkv[2], phi=phi, impl="cuda")
+    want, want_state = ref.linear_attention_with_state(qkv[0], qkv[1], qkv[2], phi=phi)
+    assert torch.isfinite(out).all(), f"seed={seed}"
+    assert _rel_err(out, want) <= tol and _rel_err(state, want_state) <= tol, f"{dtype} {phi} (seed={seed})"
+    with pytest.raises(RuntimeError, match="forward-only"):
+        linear_attention(qkv[0].detach().requires_grad_(), qkv[1], qkv[2], phi=phi, impl="cuda")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Implementations:
 * Triton backward: **analytic, in Triton** (two kernels: dq + dS/dz over query tiles, then dk/dv
   over key tiles), from the fp32 state saved by the forward. Not autograd through the reference.
 * Reference: plain PyTorch, differentiable by autograd; half/bfloat16 computed in float32.
+* CUDA (``impl="cuda"``, inference only): the compiled extension's ``linear_attention_forward``: the
+  float32 kv state by cuBLAS from C++, then one kernel for the outputs (one warp per query; its routine,
+  ``kernels/linear_attention_row.h``, is shared with the extension's CPU kernel, which the tests run). Not
+  yet measured on a GPU, so ``"auto"`` prefers Triton.
 
 ``impl="auto"`` takes Triton on CUDA tensors (float32/float16/bfloat16, head dims <= 128) and the
 reference otherwise; unsupported inputs on CUDA fall back with a one-time warning.
@@ -27,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastproto import _ext
 from fastproto.ops._dispatch import device_guard, resolve_impl
+from fastproto.triton import empty_output
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.linear_attention")
@@ -114,16 +120,30 @@ MAX_HEAD_DIM = 128  # must equal fastproto.triton.linear_attention.MAX_HEAD_DIM
 def _unsupported_reason(q, v) -> Optional[str]:
     # no triton import here: resolve_impl calls this before it knows triton is usable
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} is not supported by the Triton kernels (float32/float16/bfloat16 only)"
+        return f"dtype {q.dtype} is not supported by the kernels (float32/float16/bfloat16 only)"
     d, dv = q.shape[-1], v.shape[-1]
     if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         return f"head dims D={d}, Dv={dv} exceed the Triton kernels' maximum {MAX_HEAD_DIM}"
     return None
 
 
+COMPILED_OP = "linear_attention_forward"  # behind impl="cuda" (inference)
+
+
+def _compiled_forward(q, k, v, phi, eps):
+    """``torch.ops.fastproto.linear_attention_forward`` (CUDA on CUDA tensors, the same routine on the CPU):
+    ``(out [B, H, Nq, Dv] in q's dtype, state [B, H, D, Dv] float32)``."""
+    B, H, N, D = q.shape
+    out = empty_output((B, H, N, v.shape[-1]), q.dtype, q.device)
+    state = empty_output((B, H, D, v.shape[-1]), torch.float32, q.device)
+    _ext.op(COMPILED_OP)(q, k, v, PHIS.index(phi), float(eps), out, state)
+    return out, state
+
+
 def _resolve(impl: str, q, k, v) -> str:
-    return resolve_impl("linear_attention", impl, [q, k, v], impls=("triton",), has_backward=True,
-                        unsupported=lambda: _unsupported_reason(q, v))
+    return resolve_impl("linear_attention", impl, [q, k, v], impls=("triton", "cuda"), has_backward=True,
+                        unsupported=lambda: _unsupported_reason(q, v), compiled_op=COMPILED_OP,
+                        forward_only=("cuda",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,9 +153,13 @@ def _resolve(impl: str, q, k, v) -> str:
 
 def _run(q, k, v, phi, eps, impl, want_state):
     eps = _validate(q, k, v, phi, eps)
-    if _resolve(impl, q, k, v) == "reference":
+    chosen = _resolve(impl, q, k, v)
+    if chosen == "reference":
         return _ref.linear_attention_with_state(q, k, v, phi=phi, eps=eps)
     with device_guard(q.device):
+        if chosen == "cuda":
+            out, state = _compiled_forward(q, k, v, phi, eps)
+            return out, (state.to(q.dtype) if want_state else None)
         return _LinearAttentionTritonFn.apply(q, k, v, phi, eps, want_state)
 
 
@@ -158,7 +182,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: 
             float32; float64 on the reference only) and device; any strides.
         phi: ``"elu"`` (``elu(x) + 1``, Dinomaly) or ``"relu"``.
         eps: added to the denominator (>= 0). Dinomaly's ``LinearAttention2`` uses none (0).
-        impl: ``"auto"``, ``"triton"`` or ``"reference"``.
+        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (the compiled kernel; inference only: inputs that
+            require grad are refused) or ``"reference"``.
 
     Returns [B, H, Nq, Dv] in the input dtype (accumulation in float32). On the Triton path it is
     a permuted view of a [B, Nq, H, Dv] buffer. NaN inputs give NaN outputs. Differentiable on both

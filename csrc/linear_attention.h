@@ -1,0 +1,50 @@
+// Host code shared by the CPU and CUDA implementations of linear_attention_forward (csrc/linear_attention.cpp,
+// csrc/cuda/linear_attention_cuda.cpp): argument checks and the kv state, computed with ATen on the tensors'
+// device (a float32 matrix product: cuBLAS on the GPU).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace fastproto {
+
+// q [B,H,Nq,D], k [B,H,Nk,D], v [B,H,Nk,Dv] float32/float16/bfloat16 of one dtype (any strides); phi 0 (elu+1)
+// or 1 (relu); eps finite >= 0; out [B,H,Nq,Dv] of q's dtype (any strides); state [B,H,D,Dv] float32
+// contiguous; one device.
+inline void check_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t phi,
+                                   double eps, const at::Tensor& out, const at::Tensor& state, at::DeviceType device) {
+  const char* op = "linear_attention_forward: ";
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, "q, k, v must be [B,H,N,D], got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              "q must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, "k and v must have q's dtype ", dt);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && v.size(0) == B && v.size(1) == H, op,
+              "q, k, v must share batch and heads, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(3) == D, op, "k has head dim ", k.size(3), " but q has ", D);
+  TORCH_CHECK(v.size(2) == k.size(2), op, "v has ", v.size(2), " tokens but k has ", k.size(2));
+  TORCH_CHECK(D >= 1 && Dv >= 1, op, "head dims must be positive");
+  TORCH_CHECK(phi == 0 || phi == 1, op, "phi must be 0 (elu+1) or 1 (relu), got ", phi);
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, "eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, H, Nq, Dv}) && out.scalar_type() == dt, op, "out must be ", dt,
+              " [", B, ",", H, ",", Nq, ",", Dv, "], got ", out.scalar_type(), " ", out.sizes());
+  TORCH_CHECK(state.sizes() == at::IntArrayRef({B, H, D, Dv}) && state.scalar_type() == at::kFloat &&
+                  state.is_contiguous(),
+              op, "state must be contiguous float32 [", B, ",", H, ",", D, ",", Dv, "], got ", state.scalar_type(),
+              " ", state.sizes());
+  for (const at::Tensor* t : {&q, &k, &v, &out, &state})
+    TORCH_CHECK(t->device().type() == device && t->device() == q.device(), op, "every tensor must be on ",
+                q.device(), " (", device, " kernel), got ", t->device());
+}
+
+// Writes S = phi(k)^T v into state [B,H,D,Dv] and returns z = sum_j phi(k_j) [B,H,D], both float32 contiguous.
+inline at::Tensor kv_state(const at::Tensor& k, const at::Tensor& v, int64_t phi, at::Tensor& state) {
+  const at::Tensor kf = k.to(at::kFloat);
+  const at::Tensor fk = phi == 0 ? at::elu(kf).add_(1.0) : at::relu(kf);
+  at::matmul_out(state, fk.transpose(-2, -1), v.to(at::kFloat));
+  return fk.sum(-2).contiguous();
+}
+
+}  // namespace fastproto
