@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch 2.13 is what the development machines carry on disk; any torch >= 2.4 works.
 TORCH ?= torch==2.13.0
 STAMP := build/.installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp kernels/*.cu kernels/*.cuh kernels/*.h)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.h kernels/*.cu kernels/*.cuh kernels/*.h)
 
 .PHONY: install demo test bench info clean
 

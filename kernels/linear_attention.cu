@@ -10,12 +10,10 @@ namespace fastproto {
 namespace cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
-
 template <typename T>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) linear_attention_kernel(LinAttnArgs args) {
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (t >= args.B * args.H * args.N) return;  // whole warps leave together
+__global__ void __launch_bounds__(kRowWarps * 32) linear_attention_kernel(LinAttnArgs args) {
+  const int64_t t = warp_row();
+  if (t >= args.B * args.H * args.N) return;
   const int64_t n = t % args.N, bh = t / args.N, h = bh % args.H, b = bh / args.H;
   const T* q = static_cast<const T*>(args.q) + b * args.q_strides[0] + h * args.q_strides[1] + n * args.q_strides[2];
   T* out = static_cast<T*>(args.out) + b * args.o_strides[0] + h * args.o_strides[1] + n * args.o_strides[2];
@@ -24,26 +22,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) linear_attention_kernel(L
                   FromFloat{}, WarpSum{}, WarpBcast{});
 }
 
-template <typename T>
-cudaError_t launch_typed(const LinAttnArgs& args, cudaStream_t stream) {
-  const int64_t rows = args.B * args.H * args.N;
-  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  linear_attention_kernel<T><<<dim3(unsigned(blocks)), dim3(kWarpsPerBlock * 32), 0, stream>>>(args);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_linear_attention(ElementType dtype, const LinAttnArgs& args, cudaStream_t stream) {
-  if (args.B * args.H * args.N == 0) return cudaSuccess;
-  switch (dtype) {
-    case ElementType::kHalf:
-      return launch_typed<__half>(args, stream);
-    case ElementType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(args, stream);
-    default:
-      return launch_typed<float>(args, stream);
-  }
+  const int64_t rows = args.B * args.H * args.N;
+  if (rows == 0) return cudaSuccess;
+  return with_element_type(dtype, [&](auto tag) {
+    linear_attention_kernel<decltype(tag)><<<row_blocks(rows), row_threads(), 0, stream>>>(args);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace cuda

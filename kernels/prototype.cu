@@ -10,12 +10,10 @@ namespace fastproto {
 namespace cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
-
 template <typename T>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) prototype_attention_kernel(ProtoAttnArgs args) {
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (t >= args.B * args.H * args.N) return;  // whole warps leave together
+__global__ void __launch_bounds__(kRowWarps * 32) prototype_attention_kernel(ProtoAttnArgs args) {
+  const int64_t t = warp_row();
+  if (t >= args.B * args.H * args.N) return;
   const int64_t n = t % args.N, h = (t / args.N) % args.H, b = t / (args.N * args.H);
   const T* q = static_cast<const T*>(args.q);
   const T* k = static_cast<const T*>(args.k);
@@ -31,26 +29,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) prototype_attention_kerne
                 FromFloat{}, WarpSum{});
 }
 
-template <typename T>
-cudaError_t launch_typed(const ProtoAttnArgs& args, cudaStream_t stream) {
-  const int64_t rows = args.B * args.H * args.N;
-  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  prototype_attention_kernel<T><<<dim3(unsigned(blocks)), dim3(kWarpsPerBlock * 32), 0, stream>>>(args);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_prototype_attention(ElementType dtype, const ProtoAttnArgs& args, cudaStream_t stream) {
-  if (args.B * args.H * args.N == 0) return cudaSuccess;
-  switch (dtype) {
-    case ElementType::kHalf:
-      return launch_typed<__half>(args, stream);
-    case ElementType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(args, stream);
-    default:
-      return launch_typed<float>(args, stream);
-  }
+  const int64_t rows = args.B * args.H * args.N;
+  if (rows == 0) return cudaSuccess;
+  return with_element_type(dtype, [&](auto tag) {
+    prototype_attention_kernel<decltype(tag)><<<row_blocks(rows), row_threads(), 0, stream>>>(args);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace cuda

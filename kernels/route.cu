@@ -10,15 +10,13 @@ namespace fastproto {
 namespace cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
-
 template <typename T>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) route_nearest_kernel(
+__global__ void __launch_bounds__(kRowWarps * 32) route_nearest_kernel(
     const T* __restrict__ x, int64_t x_sb, int64_t x_sn, int64_t x_sc, const T* __restrict__ p, int64_t p_bank,
     int64_t p_sm, int64_t p_sc, float* dist, int64_t d_sb, int64_t d_sn, int64_t* index, int64_t i_sb,
     int64_t i_sn, int64_t B, int64_t N, int64_t M, int64_t C, bool per_location, float eps) {
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (t >= B * N) return;  // whole warps leave together
+  const int64_t t = warp_row();
+  if (t >= B * N) return;
   const int lane = threadIdx.x & 31;
   const int64_t b = t / N, n = t % N;
   float best;
@@ -31,19 +29,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) route_nearest_kernel(
   }
 }
 
-template <typename T>
-cudaError_t launch_typed(const void* x, const int64_t* x_strides, const void* p, const int64_t* p_strides, float* dist,
-                         const int64_t* d_strides, int64_t* index, const int64_t* i_strides, int64_t B, int64_t N,
-                         int64_t M, int64_t C, bool per_location, float eps, cudaStream_t stream) {
-  const int64_t tokens = B * N;
-  const int64_t blocks = (tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  route_nearest_kernel<T><<<dim3(unsigned(blocks)), dim3(kWarpsPerBlock * 32), 0, stream>>>(
-      static_cast<const T*>(x), x_strides[0], x_strides[1], x_strides[2], static_cast<const T*>(p), p_strides[0],
-      p_strides[1], p_strides[2], dist, d_strides[0], d_strides[1], index, i_strides[0], i_strides[1], B, N, M, C,
-      per_location, eps);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_route_nearest(ElementType dtype, const void* x, const int64_t* x_strides, const void* p,
@@ -51,17 +36,14 @@ cudaError_t launch_route_nearest(ElementType dtype, const void* x, const int64_t
                                  const int64_t* i_strides, int64_t B, int64_t N, int64_t M, int64_t C,
                                  bool per_location, float eps, cudaStream_t stream) {
   if (B * N == 0) return cudaSuccess;
-  switch (dtype) {
-    case ElementType::kHalf:
-      return launch_typed<__half>(x, x_strides, p, p_strides, dist, d_strides, index, i_strides, B, N, M, C,
-                                  per_location, eps, stream);
-    case ElementType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(x, x_strides, p, p_strides, dist, d_strides, index, i_strides, B, N, M, C,
-                                         per_location, eps, stream);
-    default:
-      return launch_typed<float>(x, x_strides, p, p_strides, dist, d_strides, index, i_strides, B, N, M, C,
-                                 per_location, eps, stream);
-  }
+  return with_element_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    route_nearest_kernel<T><<<row_blocks(B * N), row_threads(), 0, stream>>>(
+        static_cast<const T*>(x), x_strides[0], x_strides[1], x_strides[2], static_cast<const T*>(p), p_strides[0],
+        p_strides[1], p_strides[2], dist, d_strides[0], d_strides[1], index, i_strides[0], i_strides[1], B, N, M, C,
+        per_location, eps);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace cuda

@@ -5,10 +5,33 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "fastproto_kernels.h"
+
 namespace fastproto {
 namespace cuda {
 
 constexpr unsigned kAllLanes = 0xffffffffu;
+constexpr int kRowWarps = 8;  // warps (rows) per block of the one-warp-per-row kernels
+
+// The row of this thread's warp in a one-warp-per-row launch (whole warps share it, so they leave together).
+__device__ __forceinline__ int64_t warp_row() { return int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); }
+
+// Launch shape of a one-warp-per-row kernel over `rows` rows (rows / kRowWarps < 2^31, checked by the callers).
+inline dim3 row_blocks(int64_t rows) { return dim3(unsigned((rows + kRowWarps - 1) / kRowWarps)); }
+inline dim3 row_threads() { return dim3(kRowWarps * 32); }
+
+// f(T{}) with T the element type: float, __half or __nv_bfloat16. Host code.
+template <typename F>
+cudaError_t with_element_type(ElementType dtype, F&& f) {
+  switch (dtype) {
+    case ElementType::kHalf:
+      return f(__half{});
+    case ElementType::kBFloat16:
+      return f(__nv_bfloat16{});
+    default:
+      return f(float{});
+  }
+}
 
 struct ToFloat {
   __device__ __forceinline__ float operator()(float v) const { return v; }

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "element_type.h"
 #include "fastproto_kernels.h"
 #include "linear_attention.h"
 
@@ -34,10 +35,7 @@ void linear_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, con
   a.Dv = out.size(3);
   a.phi = int(phi);
   a.eps = float(eps);
-  const auto dtype = q.scalar_type() == at::kHalf       ? cuda::ElementType::kHalf
-                     : q.scalar_type() == at::kBFloat16 ? cuda::ElementType::kBFloat16
-                                                        : cuda::ElementType::kFloat32;
-  const cudaError_t err = cuda::launch_linear_attention(dtype, a, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::launch_linear_attention(element_type(q), a, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "linear_attention_forward: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 

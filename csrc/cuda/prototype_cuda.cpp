@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "element_type.h"
 #include "fastproto_kernels.h"
 #include "prototype.h"
 
@@ -38,10 +39,7 @@ void prototype_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, 
   a.M = int(k.size(-2));
   a.kind = int(kind);
   a.eps = float(eps);
-  const auto dtype = q.scalar_type() == at::kHalf       ? cuda::ElementType::kHalf
-                     : q.scalar_type() == at::kBFloat16 ? cuda::ElementType::kBFloat16
-                                                        : cuda::ElementType::kFloat32;
-  const cudaError_t err = cuda::launch_prototype_attention(dtype, a, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::launch_prototype_attention(element_type(q), a, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "prototype_attention_forward: CUDA kernel launch failed: ",
               cudaGetErrorString(err));
 }

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "element_type.h"
 #include "fastproto_kernels.h"
 #include "route.h"
 
@@ -15,15 +16,12 @@ void route_nearest_cuda(const at::Tensor& x, const at::Tensor& p, bool per_locat
   check_route_nearest(x, p, per_location, eps, dist, index, at::kCUDA);
   TORCH_CHECK((x.size(0) * x.size(1) + 7) / 8 < (int64_t(1) << 31), "route_nearest: too many tokens for one launch");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto dtype = x.scalar_type() == at::kHalf       ? cuda::ElementType::kHalf
-                     : x.scalar_type() == at::kBFloat16 ? cuda::ElementType::kBFloat16
-                                                        : cuda::ElementType::kFloat32;
   const int64_t x_strides[3] = {x.stride(0), x.stride(1), x.stride(2)};
   const int64_t p_strides[3] = {p.dim() == 3 ? p.stride(0) : 0, p.stride(-2), p.stride(-1)};
   const int64_t d_strides[2] = {dist.stride(0), dist.stride(1)};
   const int64_t i_strides[2] = {index.stride(0), index.stride(1)};
   const cudaError_t err = cuda::launch_route_nearest(
-      dtype, x.data_ptr(), x_strides, p.data_ptr(), p_strides, dist.data_ptr<float>(), d_strides,
+      element_type(x), x.data_ptr(), x_strides, p.data_ptr(), p_strides, dist.data_ptr<float>(), d_strides,
       index.data_ptr<int64_t>(), i_strides, x.size(0), x.size(1), p.size(-2), x.size(2), per_location, float(eps),
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "route_nearest: CUDA kernel launch failed: ", cudaGetErrorString(err));
