@@ -4,7 +4,7 @@
 child's script: called as ``python FILE --interpreter-cases SEED`` it runs its cases (with outputs
 poisoned through ``FASTPROTO_POISON_OUTPUTS=1``) and reports them with :func:`emit`; the parent test
 collects them with :func:`run`. :func:`main` is that entry point; :func:`model_deltas` /
-:func:`check_model_deltas` compare a whole model's fused and reference runs.
+:func:`check_model` compare a whole model's fused and reference runs.
 """
 import json
 import os
@@ -69,10 +69,13 @@ def model_deltas(runs: dict) -> dict:
             "grad_rel": float((g1 - g0).abs().max() / g0.abs().max())}
 
 
-def check_model_deltas(res: dict, seed: int, maps=("anomaly_map",), map_tol: float = 1e-3, loss_tol: float = 1e-4,
-                       grad_tol: float = 1e-3) -> None:
-    """Assert :func:`model_deltas` results (of the child run with ``seed``, named in every message so that a
-    failure can be replayed): exactly the ``maps`` compared, each within its tolerance."""
+def check_model(test_file: str, maps=("anomaly_map",), map_tol: float = 1e-3, loss_tol: float = 1e-4,
+                grad_tol: float = 1e-3) -> None:
+    """A model test file's fused-vs-reference check: runs its child (the file's ``model_deltas`` emitter) with a
+    fresh seed and asserts the deltas (the seed in every message, so that a failure can be replayed): exactly
+    the ``maps`` compared, each within its tolerance. Skips without triton."""
+    seed = int.from_bytes(os.urandom(3), "little")
+    res = run(test_file, seed)
     assert set(res["map_rel"]) == set(maps), f"{res} (seed={seed})"
     assert all(v <= map_tol for v in res["map_rel"].values()), f"{res} (seed={seed})"
     assert all(v <= loss_tol for v in res["loss"].values()), f"{res} (seed={seed})"

@@ -544,16 +544,20 @@ def test_interpreter_is_really_used(interpreter_results):
     assert res["_interpreted"], f"kernels were not InterpretedFunction objects (seed={seed})"
 
 
+def _check_interpreter_case(label, e, seed):
+    """One interpreter case's report: no error, dtype, nothing left unwritten, argmin, forward and backward."""
+    assert "error" not in e, f"{label}: {e.get('error')} (seed={seed})"
+    assert e["dtype_ok"] and e["finite"], f"{label}: dtype or unwritten (NaN-poisoned) output (seed={seed})"
+    assert e.get("idx_ok", True), f"{label}: argmin differs (seed={seed})"
+    tol = 1e-5 if e["dt"] == "float32" else 1e-2
+    assert e["err"] <= tol, f"{label}: forward rel err {e['err']:.2e} (seed={seed})"
+    assert e["gerr"] <= tol, f"{label}: backward rel err {e['gerr']:.2e} (seed={seed})"
+
+
 @pytest.mark.parametrize("name", [f"attn{i}" for i in range(len(ATTN_CASES))] + [f"route{i}" for i in range(len(ROUTE_CASES))])
 def test_triton_interpreter_matches_reference(name, interpreter_results):
     seed, res = interpreter_results
-    e = res[name]
-    assert "error" not in e, f"{name}: {e.get('error')} (seed={seed})"
-    assert e["dtype_ok"] and e["finite"], f"{name}: dtype or unwritten (NaN-poisoned) output (seed={seed})"
-    assert e.get("idx_ok", True), f"{name}: argmin differs (seed={seed})"
-    tol = 1e-5 if e["dt"] == "float32" else 1e-2
-    assert e["err"] <= tol, f"{name}: forward rel err {e['err']:.2e} (seed={seed})"
-    assert e["gerr"] <= tol, f"{name}: backward rel err {e['gerr']:.2e} (seed={seed})"
+    _check_interpreter_case(name, res[name], seed)
 
 
 def test_triton_interpreter_ties_nan_and_unsupported(interpreter_results):
@@ -567,14 +571,7 @@ def test_triton_interpreter_ties_nan_and_unsupported(interpreter_results):
 def test_triton_interpreter_route_modes_match_float64(name, interpreter_results):
     """soft / linear (and per-location nearest) kernels, forward and backward, vs the float64 reference."""
     seed, res = interpreter_results
-    e = res[name]
-    case = ROUTE_MODE_CASES[int(name[4:])]
-    assert "error" not in e, f"{name} {case}: {e.get('error')} (seed={seed})"
-    assert e["dtype_ok"] and e["finite"], f"{name} {case}: dtype or unwritten (NaN-poisoned) output (seed={seed})"
-    assert e.get("idx_ok", True), f"{name} {case}: argmin differs (seed={seed})"
-    tol = 1e-5 if e["dt"] == "float32" else 1e-2
-    assert e["err"] <= tol, f"{name} {case}: forward rel err {e['err']:.2e} (seed={seed})"
-    assert e["gerr"] <= tol, f"{name} {case}: backward rel err {e['gerr']:.2e} (seed={seed})"
+    _check_interpreter_case(f"{name} {ROUTE_MODE_CASES[int(name[4:])]}", res[name], seed)
 
 
 def test_triton_interpreter_route_nan_and_gradient_paths(interpreter_results):
