@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "inverse_norms.h"
 #include "prototype.h"
 #include "prototype_attention.h"
 
@@ -22,13 +23,17 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const float* sp = scale.data_ptr<float>();
+  // relu_cos: the keys' inverse norms once ([H,M] or [B,H,M]), not per query
+  const at::Tensor inv_k = kind == proto::kReluCos ? inverse_norms(k, eps) : at::Tensor();
+  const float* ik = inv_k.defined() ? inv_k.data_ptr<float>() : nullptr;
   at::parallel_for(0, q.size(0) * H * N, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t % N, h = (t / N) % H, b = t / (N * H);
       const proto::Rows<T> r{qp + b * q.stride(0) + h * q.stride(1) + n * q.stride(2), q.stride(3),
                              kp + b * kb + h * kh, k.stride(-2), k.stride(-1),
                              vp + b * vb + h * vh, v.stride(-2), v.stride(-1),
-                             op + b * out.stride(0) + h * out.stride(1) + n * out.stride(2), out.stride(3)};
+                             op + b * out.stride(0) + h * out.stride(1) + n * out.stride(2), out.stride(3),
+                             ik ? ik + ((shared ? 0 : b * H) + h) * M : nullptr};
       proto::attend(r, int(M), D, Dv, kind, sp[h], eps, 0, 1, CastToFloat{}, CastFromFloat{}, OneThreadSum{});
     }
   });

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "inverse_norms.h"
 #include "route.h"
 #include "route_nearest.h"
 
@@ -17,6 +18,9 @@ void nearest_batch(const at::Tensor& x, const at::Tensor& p, bool per_location, 
   const int64_t p_bank = p.dim() == 3 ? p.stride(0) : 0;
   const T* xp = x.data_ptr<T>();
   const T* pp = p.data_ptr<T>();
+  const at::Tensor inv_p = inverse_norms(p, eps);
+  const float* np = inv_p.data_ptr<float>();
+  const int64_t n_bank = p.dim() == 3 ? M : 0;
   float* dp = dist.data_ptr<float>();
   int64_t* ip = index.data_ptr<int64_t>();
   at::parallel_for(0, x.size(0) * N, 64, [&](int64_t t0, int64_t t1) {
@@ -25,8 +29,9 @@ void nearest_batch(const at::Tensor& x, const at::Tensor& p, bool per_location, 
       float best;
       int64_t best_m;
       route::nearest_token(xp + b * x.stride(0) + n * x.stride(1), x.stride(2),
-                           pp + route::bank_offset(b, n, per_location, p_bank), p.stride(-2), p.stride(-1), M, C, 0,
-                           1, float(eps), CastToFloat{}, OneThreadSum{}, best, best_m);
+                           pp + route::bank_offset(b, n, per_location, p_bank), p.stride(-2), p.stride(-1),
+                           np + route::bank_offset(b, n, per_location, n_bank), M, C, 0, 1, float(eps), CastToFloat{},
+                           OneThreadSum{}, best, best_m);
       dp[b * dist.stride(0) + n * dist.stride(1)] = best;
       ip[b * index.stride(0) + n * index.stride(1)] = best_m;
     }

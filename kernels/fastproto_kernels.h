@@ -71,11 +71,12 @@ enum class ElementType { kFloat32, kHalf, kBFloat16 };
 
 // One warp per token. x [B,N,C] and the bank in `dtype`, read through their strides: x_strides (3),
 // p_strides = {bank stride (0 for a shared [M,C] bank), prototype stride, channel stride}; the bank of token
-// (b, n) is indexed by n when per_location, else by b. Writes dist [B,N] float32 and index [B,N] int64
+// (b, n) is indexed by n when per_location, else by b; inv_p: the bank's 1 / max(||p_m||, eps), float32
+// contiguous [M] or [G,M]. Writes dist [B,N] float32 and index [B,N] int64
 // through d_strides / i_strides (2 each). Requires B*N / 8 < 2^31 blocks.
 cudaError_t launch_route_nearest(ElementType dtype, const void* x, const int64_t* x_strides, const void* p,
-                                 const int64_t* p_strides, float* dist, const int64_t* d_strides, int64_t* index,
-                                 const int64_t* i_strides, int64_t B, int64_t N, int64_t M, int64_t C,
+                                 const int64_t* p_strides, const float* inv_p, float* dist, const int64_t* d_strides,
+                                 int64_t* index, const int64_t* i_strides, int64_t B, int64_t N, int64_t M, int64_t C,
                                  bool per_location, float eps, cudaStream_t stream);
 
 // ---- Prototype attention forward (kernels/prototype.cu; per-query routine in kernels/prototype_attention.h).
@@ -86,6 +87,8 @@ struct ProtoAttnArgs {
   const void* k;
   const void* v;
   const float* scale;
+  const float* inv_k;  // relu_cos: the keys' 1 / max(||k_m||, eps), contiguous [H,M] (shared) or [B,H,M]
+  int64_t inv_k_sb;    // its batch stride: 0 (shared) or H*M
   void* out;
   int64_t q_strides[4], k_strides[4], v_strides[4], o_strides[4];
   int64_t B, H, N, D, Dv;

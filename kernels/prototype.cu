@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) prototype_attention_kernel(Pro
                          k + b * args.k_strides[0] + h * args.k_strides[1], args.k_strides[2], args.k_strides[3],
                          v + b * args.v_strides[0] + h * args.v_strides[1], args.v_strides[2], args.v_strides[3],
                          out + b * args.o_strides[0] + h * args.o_strides[1] + n * args.o_strides[2],
-                         args.o_strides[3]};
+                         args.o_strides[3], args.inv_k ? args.inv_k + b * args.inv_k_sb + h * args.M : nullptr};
   proto::attend(r, args.M, args.D, args.Dv, args.kind, args.scale[h], args.eps, threadIdx.x & 31, 32, ToFloat{},
                 FromFloat{}, WarpSum{});
 }

@@ -29,6 +29,7 @@ struct Rows {
   int64_t v_sm, v_sd;
   T* out;
   int64_t o_sd;
+  const float* inv_k;  // relu_cos: the head's 1 / max(||k_m||, eps), computed once per bank (M floats)
 };
 
 // One query's output, by `lanes` threads that take the dims lane, lane + lanes, ...; `sum` turns a thread's
@@ -38,26 +39,23 @@ template <typename T, typename Load, typename Store, typename Sum>
 FASTPROTO_HD void attend(const Rows<T>& r, int M, int64_t D, int64_t Dv, int kind, float scale, float eps, int lane,
                          int lanes, const Load& load, const Store& store, const Sum& sum) {
   float a[kMaxM];
-  float qq = 0.f;
+  float inv_q = 1.f;
   if (kind == kReluCos) {
+    float qq = 0.f;
     for (int64_t d = lane; d < D; d += lanes) {
       const float x = load(r.q[d * r.q_sd]);
       qq += x * x;
     }
-    qq = sum(qq);
+    inv_q = 1.f / fmaxf(sqrtf(sum(qq)), eps);
   }
   float top = -INFINITY;
   for (int m = 0; m < M; ++m) {
     const T* km = r.k + m * r.k_sm;
-    float dot = 0.f, kk = 0.f;
-    for (int64_t d = lane; d < D; d += lanes) {
-      const float x = load(r.q[d * r.q_sd]), y = load(km[d * r.k_sd]);
-      dot += x * y;
-      kk += y * y;
-    }
+    float dot = 0.f;
+    for (int64_t d = lane; d < D; d += lanes) dot += load(r.q[d * r.q_sd]) * load(km[d * r.k_sd]);
     dot = sum(dot);
     if (kind == kReluCos) {
-      const float c = scale * (dot / (fmaxf(sqrtf(qq), eps) * fmaxf(sqrtf(sum(kk)), eps)));
+      const float c = scale * dot * inv_q * r.inv_k[m];
       a[m] = (c > 0.f || c != c) ? c : 0.f;  // ReLU that keeps NaN, as torch.relu
     } else {
       a[m] = scale * dot;

@@ -6,6 +6,7 @@
 
 #include "element_type.h"
 #include "fastproto_kernels.h"
+#include "inverse_norms.h"
 #include "prototype.h"
 
 namespace fastproto {
@@ -23,6 +24,10 @@ void prototype_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, 
   a.k = k.data_ptr();
   a.v = v.data_ptr();
   a.scale = scale.data_ptr<float>();
+  // relu_cos: the keys' inverse norms once per bank, not per query
+  const at::Tensor inv_k = kind == 0 ? inverse_norms(k, eps) : at::Tensor();
+  a.inv_k = inv_k.defined() ? inv_k.data_ptr<float>() : nullptr;
+  a.inv_k_sb = shared ? 0 : q.size(1) * k.size(-2);
   a.out = out.data_ptr();
   for (int i = 0; i < 4; ++i) {
     a.q_strides[i] = q.stride(i);

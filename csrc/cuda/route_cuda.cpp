@@ -6,6 +6,7 @@
 
 #include "element_type.h"
 #include "fastproto_kernels.h"
+#include "inverse_norms.h"
 #include "route.h"
 
 namespace fastproto {
@@ -20,8 +21,10 @@ void route_nearest_cuda(const at::Tensor& x, const at::Tensor& p, bool per_locat
   const int64_t p_strides[3] = {p.dim() == 3 ? p.stride(0) : 0, p.stride(-2), p.stride(-1)};
   const int64_t d_strides[2] = {dist.stride(0), dist.stride(1)};
   const int64_t i_strides[2] = {index.stride(0), index.stride(1)};
+  const at::Tensor inv_p = inverse_norms(p, eps);
   const cudaError_t err = cuda::launch_route_nearest(
-      element_type(x), x.data_ptr(), x_strides, p.data_ptr(), p_strides, dist.data_ptr<float>(), d_strides,
+      element_type(x), x.data_ptr(), x_strides, p.data_ptr(), p_strides, inv_p.data_ptr<float>(),
+      dist.data_ptr<float>(), d_strides,
       index.data_ptr<int64_t>(), i_strides, x.size(0), x.size(1), p.size(-2), x.size(2), per_location, float(eps),
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "route_nearest: CUDA kernel launch failed: ", cudaGetErrorString(err));
