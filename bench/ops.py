@@ -130,7 +130,6 @@ class Case:
     fused: tuple = ("fastproto",)                        # rows that get the floor column
     compile_ref: Optional[str] = "reference"            # the row torch.compile is applied to
     bwd: bool = True
-    forward_only: tuple = ()                             # rows without a backward (inference kernels)
 
 
 def _nbytes(shape, dtype) -> int:
@@ -151,8 +150,8 @@ def cases(device, dtype, B, quick) -> List[Case]:
     for N in ((789,) if quick else (789, 1024)):
         shp = (B, HEADS, N, HEAD_DIM)
         t = _nbytes(shp, dtype)
-        compiled_la = (("fastproto (impl='cuda', compiled, inference)",)
-                       if dev.type == "cuda" and _ext.has_op(ops_linear_attention.COMPILED_OP, "cuda") else ())
+        compiled_la = (("fastproto (impl='cuda', compiled)",)
+                       if dev.type == "cuda" and _ext.has_op(ops_linear_attention.COMPILED_BACKWARD_OP, "cuda") else ())
         out.append(Case(
             "linear_attention (elu+1)", f"B={B} H={HEADS} N={N} D={HEAD_DIM}",
             lambda shp=shp: {"q": rand(*shp), "k": rand(*shp), "v": rand(*shp)},
@@ -160,13 +159,12 @@ def cases(device, dtype, B, quick) -> List[Case]:
              **{name: lambda q, k, v: ops.linear_attention(q, k, v, impl="cuda") for name in compiled_la},
              "reference": lambda q, k, v: ref_la.linear_attention(q, k, v, phi="elu", eps=1e-6),
              "Dinomaly einsum": dinomaly_linear_attention},
-            ["q", "k", "v"], floor_fwd=4 * t, floor_bwd=11 * t, fused=("fastproto", *compiled_la),
-            forward_only=compiled_la))
+            ["q", "k", "v"], floor_fwd=4 * t, floor_bwd=11 * t, fused=("fastproto", *compiled_la)))
 
     # 2. prototype attention: INP-Former decoder (relu_cos, 6 INP tokens per image, 789 queries);
     #    DPDiff-AD (softmax, 8 prototypes, 1024 tokens); UIP-AD (softmax, 12 prototypes, 789 tokens)
-    compiled_attention = (("fastproto (impl='cuda', compiled, inference)",)
-                          if dev.type == "cuda" and _ext.has_op(ops_prototype.ATTENTION_OP, "cuda") else ())
+    compiled_attention = (("fastproto (impl='cuda', compiled)",)
+                          if dev.type == "cuda" and _ext.has_op(ops_prototype.ATTENTION_BACKWARD_OP, "cuda") else ())
     for kind, M, N in (("relu_cos", 6, 789), ("softmax", 8, 1024), ("softmax", 12, 789)):
         qs, ks = (B, HEADS, N, HEAD_DIM), (B, HEADS, M, HEAD_DIM)
         t, tk = _nbytes(qs, dtype), _nbytes(ks, dtype)
@@ -185,7 +183,7 @@ def cases(device, dtype, B, quick) -> List[Case]:
             f"prototype_attention ({kind})", f"B={B} H={HEADS} N={N} M={M} D={HEAD_DIM}",
             lambda qs=qs, ks=ks: {"q": rand(*qs), "k": rand(*ks), "v": rand(*ks)},
             impls, ["q", "k", "v"], floor_fwd=2 * t + 2 * tk, floor_bwd=5 * t + 6 * tk,
-            fused=("fastproto", *compiled_attention), forward_only=tuple(compiled_attention)))
+            fused=("fastproto", *compiled_attention)))
 
     # 3. nearest routing (coherence loss): per-sample INP tokens (M=6), shared DPDiff local
     #    prototypes (M=8), and a 789-prototype bank (Pro-AD-sized) where [B,N,M] must not be built
@@ -404,8 +402,6 @@ def run_case(case: Case, *, device, backward, repeats, inner, compile_ref, bw) -
         impls[f"torch.compile({case.compile_ref})"] = torch.compile(case.impls[case.compile_ref], dynamic=False)
     rows = []
     for name, fn in impls.items():
-        if backward and name in case.forward_only:
-            continue
         t_c = None
         try:
             run = _runner(fn, inputs, case.grad_inputs, backward)

@@ -33,11 +33,20 @@ TORCH_LIBRARY(fastproto, m) {
   // 1 = softmax; writes out [B,H,N,Dv] in q's dtype.
   m.def("prototype_attention_forward(Tensor q, Tensor k, Tensor v, Tensor scale, int kind, float eps, "
         "Tensor(a!) out) -> ()");
-  // Linear attention forward (fastproto/reference/linear_attention.py; inference): q [B,H,Nq,D], k [B,H,Nk,D],
-  // v [B,H,Nk,Dv], phi 0 = elu+1, 1 = relu; writes out [B,H,Nq,Dv] (q's dtype) and the float32 kv state
-  // [B,H,D,Dv].
+  // Its backward for grad_out [B,H,N,Dv] (q's dtype): writes grad_q [B,H,N,D] (q's dtype) and float32
+  // per-sample sums grad_k [B,H,M,D] (of d(k / max(||k||, eps)) for relu_cos, whose normalisation backward is
+  // left to the caller; of dk for softmax), grad_v [B,H,M,Dv] and grad_scale [B,H].
+  m.def("prototype_attention_backward(Tensor q, Tensor k, Tensor v, Tensor scale, Tensor grad_out, int kind, "
+        "float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v, Tensor(d!) grad_scale) -> ()");
+  // Linear attention forward (fastproto/reference/linear_attention.py): q [B,H,Nq,D], k [B,H,Nk,D],
+  // v [B,H,Nk,Dv], phi 0 = elu+1, 1 = relu; writes out [B,H,Nq,Dv] (q's dtype), the float32 kv state
+  // [B,H,D,Dv] and key sum [B,H,D].
   m.def("linear_attention_forward(Tensor q, Tensor k, Tensor v, int phi, float eps, Tensor(a!) out, "
-        "Tensor(b!) state) -> ()");
+        "Tensor(b!) state, Tensor(c!) ksum) -> ()");
+  // Its backward from the forward's state and ksum and grad_out [B,H,Nq,Dv]: writes grad_q, grad_k, grad_v
+  // (like q, k, v).
+  m.def("linear_attention_backward(Tensor q, Tensor k, Tensor v, Tensor state, Tensor ksum, Tensor grad_out, "
+        "int phi, float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

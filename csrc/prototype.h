@@ -1,5 +1,5 @@
-// Host code shared by the CPU and CUDA implementations of prototype_attention_forward (csrc/prototype.cpp,
-// csrc/cuda/prototype_cuda.cpp): argument checks.
+// Host code shared by the CPU and CUDA implementations of prototype_attention_forward / _backward
+// (csrc/prototype.cpp, csrc/cuda/prototype_cuda.cpp): argument checks.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,12 +8,11 @@
 namespace fastproto {
 
 // q [B,H,N,D] float32/float16/bfloat16; k [B,H,M,D] or shared [H,M,D] and v like k with Dv, q's dtype
-// (any strides, 1 <= M <= 64); scale [H] float32 contiguous; out [B,H,N,Dv] q's dtype (any strides);
-// kind 0 (relu_cos) or 1 (softmax); one device.
-inline void check_prototype_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& scale, int64_t kind, double eps, const at::Tensor& out,
-                                      at::DeviceType device) {
-  const char* op = "prototype_attention_forward: ";
+// (any strides, 1 <= M <= 64); scale [H] float32 contiguous; `out` (named out_name: the forward's output or
+// the backward's grad_out) [B,H,N,Dv] q's dtype (any strides); kind 0 (relu_cos) or 1 (softmax); one device.
+inline void check_prototype_attention(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& scale, int64_t kind, double eps, const char* out_name,
+                                      const at::Tensor& out, at::DeviceType device) {
   TORCH_CHECK(q.dim() == 4, op, "q must be [B,H,N,D], got ", q.sizes());
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
@@ -33,11 +32,35 @@ inline void check_prototype_attention(const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(eps > 0 && std::isfinite(eps), op, "eps must be finite and > 0, got ", eps);
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == H && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
               op, "scale must be contiguous float32 [H] = [", H, "], got ", scale.scalar_type(), " ", scale.sizes());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, H, N, Dv}) && out.scalar_type() == dt, op, "out must be ", dt,
-              " [", B, ",", H, ",", N, ",", Dv, "], got ", out.scalar_type(), " ", out.sizes());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, H, N, Dv}) && out.scalar_type() == dt, op, out_name, " must be ",
+              dt, " [", B, ",", H, ",", N, ",", Dv, "], got ", out.scalar_type(), " ", out.sizes());
   for (const at::Tensor* t : {&q, &k, &v, &scale, &out})
     TORCH_CHECK(t->device().type() == device && t->device() == q.device(), op, "every tensor must be on ",
                 q.device(), " (", device, " kernel), got ", t->device());
+}
+
+// The backward's inputs as the forward's (grad_out in place of out), and its outputs: grad_q like q (any
+// strides); float32 contiguous grad_k [B,H,M,D], grad_v [B,H,M,Dv] and grad_scale [B,H] (per-sample shares
+// also for shared banks), on q's device.
+inline void check_prototype_attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& scale, const at::Tensor& grad_out, int64_t kind,
+                                               double eps, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                               const at::Tensor& grad_v, const at::Tensor& grad_scale,
+                                               at::DeviceType device) {
+  const char* op = "prototype_attention_backward: ";
+  check_prototype_attention(op, q, k, v, scale, kind, eps, "grad_out", grad_out, device);
+  const int64_t B = q.size(0), H = q.size(1), M = k.size(-2), D = q.size(3), Dv = v.size(-1);
+  TORCH_CHECK(grad_q.sizes() == q.sizes() && grad_q.scalar_type() == q.scalar_type(), op, "grad_q must be ",
+              q.scalar_type(), " ", q.sizes(), ", got ", grad_q.scalar_type(), " ", grad_q.sizes());
+  const auto accumulator = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK(t.sizes() == shape && t.scalar_type() == at::kFloat && t.is_contiguous(), op, name,
+                " must be contiguous float32 ", shape, ", got ", t.scalar_type(), " ", t.sizes());
+  };
+  accumulator(grad_k, "grad_k", {B, H, M, D});
+  accumulator(grad_v, "grad_v", {B, H, M, Dv});
+  accumulator(grad_scale, "grad_scale", {B, H});
+  for (const at::Tensor* t : {&grad_q, &grad_k, &grad_v, &grad_scale})
+    TORCH_CHECK(t->device() == q.device(), op, "every tensor must be on ", q.device(), ", got ", t->device());
 }
 
 }  // namespace fastproto

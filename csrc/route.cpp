@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_element_type.h"
 #include "inverse_norms.h"
 #include "route.h"
 #include "route_nearest.h"
@@ -41,14 +42,8 @@ void nearest_batch(const at::Tensor& x, const at::Tensor& p, bool per_location, 
 void route_nearest_cpu(const at::Tensor& x, const at::Tensor& p, bool per_location, double eps, at::Tensor dist,
                        at::Tensor index) {
   check_route_nearest(x, p, per_location, eps, dist, index, at::kCPU);
-  switch (x.scalar_type()) {
-    case at::kHalf:
-      return nearest_batch<at::Half>(x, p, per_location, eps, dist, index);
-    case at::kBFloat16:
-      return nearest_batch<at::BFloat16>(x, p, per_location, eps, dist, index);
-    default:
-      return nearest_batch<float>(x, p, per_location, eps, dist, index);
-  }
+  with_cpu_element_type(x.scalar_type(),
+                        [&](auto tag) { nearest_batch<decltype(tag)>(x, p, per_location, eps, dist, index); });
 }
 
 }  // namespace

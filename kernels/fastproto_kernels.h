@@ -99,6 +99,26 @@ struct ProtoAttnArgs {
 // One warp per query row. Requires B*H*N / 8 < 2^31 blocks.
 cudaError_t launch_prototype_attention(ElementType dtype, const ProtoAttnArgs& args, cudaStream_t stream);
 
+// Its backward: `fwd` as for the forward with `out` / `o_strides` holding grad_out; dq like q (element strides);
+// dk [B,H,M,D], dv [B,H,M,Dv] and ds [B,H] float32 contiguous and zeroed, added into.
+struct ProtoAttnBwdArgs {
+  ProtoAttnArgs fwd;
+  void* dq;
+  int64_t dq_strides[4];
+  float* dk;
+  float* dv;
+  float* ds;
+};
+
+// One block per (sample * head, tile of kProtoBwdQueries queries), one warp per query; the block sums its
+// prototype gradients in M*(D+Dv) floats of shared memory (proto_backward_shared_bytes), then adds them to
+// global memory. Requires B*H < 2^31 and N / kProtoBwdQueries < 65536.
+constexpr int kProtoBwdQueries = 128;
+inline size_t proto_backward_shared_bytes(const ProtoAttnArgs& a) {
+  return size_t(a.M) * size_t(a.D + a.Dv) * sizeof(float);
+}
+cudaError_t launch_prototype_attention_backward(ElementType dtype, const ProtoAttnBwdArgs& args, cudaStream_t stream);
+
 // ---- Linear attention forward, output pass (kernels/linear_attention.cu; per-query routine in
 // kernels/linear_attention_row.h). Element strides of q [B,H,N,D] and out [B,H,N,Dv]; state [B,H,D,Dv] and
 // ksum [B,H,D] float32 contiguous; phi 0 = elu+1, 1 = relu.
@@ -115,6 +135,38 @@ struct LinAttnArgs {
 
 // One warp per query. Requires B*H*N / 8 < 2^31 blocks.
 cudaError_t launch_linear_attention(ElementType dtype, const LinAttnArgs& args, cudaStream_t stream);
+
+// ---- Linear attention backward (the per-row routines of kernels/linear_attention_row.h). Queries' pass:
+// `fwd` as for the forward (q, state, ksum, sizes; `out` unused) with g [B,H,Nq,Dv] and dq (element strides),
+// writing a = r phi(q) [B,H,Nq,D] and w = out·g [B,H,Nq] float32 contiguous.
+struct LinAttnBwdQueryArgs {
+  LinAttnArgs fwd;
+  const void* g;
+  void* dq;
+  int64_t g_strides[4], dq_strides[4];
+  float* a;
+  float* w;
+};
+// One warp per query. Requires B*H*Nq / 8 < 2^31 blocks.
+cudaError_t launch_linear_attention_backward_queries(ElementType dtype, const LinAttnBwdQueryArgs& args,
+                                                     cudaStream_t stream);
+
+// Keys' pass: from dS [B,H,D,Dv] and dz [B,H,D] float32 contiguous, dk [B,H,Nk,D] and dv [B,H,Nk,Dv] (element
+// strides of k, v, dk, dv).
+struct LinAttnBwdKeyArgs {
+  const void* k;
+  const void* v;
+  void* dk;
+  void* dv;
+  const float* dstate;
+  const float* dksum;
+  int64_t k_strides[4], v_strides[4], dk_strides[4], dv_strides[4];
+  int64_t B, H, N, D, Dv;
+  int phi;
+};
+// One warp per key. Requires B*H*Nk / 8 < 2^31 blocks.
+cudaError_t launch_linear_attention_backward_keys(ElementType dtype, const LinAttnBwdKeyArgs& args,
+                                                  cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastproto

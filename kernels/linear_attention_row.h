@@ -1,10 +1,14 @@
-// Linear attention forward (inference), the per-query routine shared by the CPU kernel
-// (csrc/linear_attention.cpp, one thread per query) and the CUDA kernel (kernels/linear_attention.cu, one warp
-// per query, lanes splitting the value dims).
+// Linear attention, the per-row routines shared by the CPU kernels (csrc/linear_attention.cpp, one thread per
+// row) and the CUDA kernels (kernels/linear_attention.cu, one warp per row, lanes splitting the head or value
+// dims).
 //
 // Math (fastproto/reference/linear_attention.py), given the float32 kv state S [D][Dv] = sum_j phi(k_j)^T v_j
-// and key sum z [D] = sum_j phi(k_j) of the query's (batch, head):
-//   out_e = sum_d phi(q_d) S[d][e] / (sum_d phi(q_d) z_d + eps),   phi = elu + 1 or relu.
+// and key sum z [D] = sum_j phi(k_j) of the row's (batch, head):
+//   out_e = r sum_d f_d S[d][e],   f = phi(q),   r = 1 / (f·z + eps),   phi = elu + 1 or relu.
+// Backward, for g = d(out) of a query (u = S g, and w = out·g = r f·u):
+//   d(f)_d = r (u_d - w z_d),   dq = phi'(q) d(f);   and over the queries (by matrix products, in the host
+//   code): dS = sum_i a_i^T g_i, dz = -sum_i w_i a_i with a_i = r_i f_i. Then for a key k_j with value v_j:
+//   dk = phi'(k) (dS v_j + dz),   dv_j = phi(k_j) dS.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -20,6 +24,13 @@ enum Phi : int { kElu = 0, kRelu = 1 };
 FASTPROTO_HD float phi(float x, int kind) {
   if (kind == kElu) return x > 0.f ? x + 1.f : (x == x ? expf(x) : x);
   return (x > 0.f || x != x) ? x : 0.f;
+}
+
+// dy·phi'(x), as torch's elu / relu backward: at x <= 0 elu+1 gives dy exp(x) and relu 0; elsewhere (NaN
+// included) dy.
+FASTPROTO_HD float phi_backward(float x, float dy, int kind) {
+  if (!(x <= 0.f)) return dy;
+  return kind == kElu ? dy * expf(x) : 0.f;
 }
 
 // One query's output, by `lanes` threads: thread `lane` holds phi(q_d) for d = lane, lane + lanes, ... and
@@ -49,6 +60,52 @@ FASTPROTO_HD void attend(const T* q, int64_t q_sd, const float* S, const float* 
       }
     }
     if (e < Dv) store(out[e * o_sd], num * inv_den);
+  }
+}
+
+// One query's backward, by `lanes` threads splitting the head dims d = lane, lane + lanes, ...: writes dq and
+// a = r phi(q) (float32 [D], contiguous; it holds u until the second pass, each thread its own dims) and
+// returns w = out·g (the same in every thread).
+FASTPROTO_HD_TEMPLATE
+template <typename T, typename Load, typename Store, typename Sum>
+FASTPROTO_HD float query_backward(const T* q, int64_t q_sd, const T* g, int64_t g_sd, const float* S, const float* z,
+                                  T* dq, int64_t dq_sd, float* a, int64_t D, int64_t Dv, int kind, float eps, int lane,
+                                  int lanes, const Load& load, const Store& store, const Sum& sum) {
+  float den = 0.f, fu = 0.f;
+  for (int64_t d = lane; d < D; d += lanes) {
+    const float f = phi(load(q[d * q_sd]), kind);
+    float u = 0.f;
+    for (int64_t e = 0; e < Dv; ++e) u += S[d * Dv + e] * load(g[e * g_sd]);
+    a[d] = u;
+    den += f * z[d];
+    fu += f * u;
+  }
+  const float r = 1.f / (sum(den) + eps);
+  const float w = r * sum(fu);
+  for (int64_t d = lane; d < D; d += lanes) {
+    const float x = load(q[d * q_sd]);
+    store(dq[d * dq_sd], phi_backward(x, r * (a[d] - w * z[d]), kind));
+    a[d] = r * phi(x, kind);
+  }
+  return w;
+}
+
+// One key's backward, by `lanes` threads (no cross-thread sums): dk = phi'(k) (dS v + dz) over d = lane,
+// lane + lanes, ..., and dv = phi(k) dS over e = lane, lane + lanes, ... (dS [D][Dv], dz [D] float32).
+FASTPROTO_HD_TEMPLATE
+template <typename T, typename Load, typename Store>
+FASTPROTO_HD void key_backward(const T* k, int64_t k_sd, const T* v, int64_t v_sd, const float* dS, const float* dz,
+                               T* dk, int64_t dk_sd, T* dv, int64_t dv_sd, int64_t D, int64_t Dv, int kind, int lane,
+                               int lanes, const Load& load, const Store& store) {
+  for (int64_t d = lane; d < D; d += lanes) {
+    float acc = dz[d];
+    for (int64_t e = 0; e < Dv; ++e) acc += dS[d * Dv + e] * load(v[e * v_sd]);
+    store(dk[d * dk_sd], phi_backward(load(k[d * k_sd]), acc, kind));
+  }
+  for (int64_t e = lane; e < Dv; e += lanes) {
+    float acc = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc += phi(load(k[d * k_sd]), kind) * dS[d * Dv + e];
+    store(dv[e * dv_sd], acc);
   }
 }
 

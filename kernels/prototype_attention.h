@@ -1,10 +1,17 @@
-// Prototype attention forward (inference), the per-query routine shared by the CPU kernel
-// (csrc/prototype.cpp, one thread per query) and the CUDA kernel (kernels/prototype.cu, one warp per query,
+// Prototype attention, the per-query forward and backward routines shared by the CPU kernels
+// (csrc/prototype.cpp, one thread per query) and the CUDA kernels (kernels/prototype.cu, one warp per query,
 // lanes splitting the head dims).
 //
 // Math (fastproto/reference/prototype.py), for a query q [D] of head h against prototypes k_m [D], v_m [Dv]:
-//   relu_cos: a_m = ReLU(s_h q·k_m / (max(||q||, eps) max(||k_m||, eps))),   out = sum_m a_m v_m
-//   softmax:  a = softmax_m(s_h q·k_m),                                       out = sum_m a_m v_m
+//   relu_cos: x_m = q̂·k̂_m (x̂ = x / max(||x||, eps)),  a_m = ReLU(s_h x_m),   out = sum_m a_m v_m
+//   softmax:  x_m = q·k_m,                          a = softmax_m(s_h x),   out = sum_m a_m v_m
+// Backward, with g = d(out) and g_m = g·v_m (the gradient of a_m):
+//   dz_m = g_m [s_h x_m > 0] (relu_cos; 0 at NaN, as torch.relu's backward) or a_m (g_m - sum_j a_j g_j),
+//   d(s_h) += sum_m dz_m x_m,   dv_m += a_m g,
+//   relu_cos: d(q̂) = s_h sum_m dz_m k̂_m, d(k̂_m) += s_h dz_m q̂ (the caller finishes k's normalisation on
+//             the small [M, D] side), dq = (d(q̂) - q̂ (q̂·d(q̂))) / ||q|| if ||q|| > eps else d(q̂) / eps,
+//             where q̂·d(q̂) = s_h sum_m dz_m x_m needs no second pass over q;
+//   softmax:  dq = s_h sum_m dz_m k_m,  dk_m += s_h dz_m q.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -32,6 +39,54 @@ struct Rows {
   const float* inv_k;  // relu_cos: the head's 1 / max(||k_m||, eps), computed once per bank (M floats)
 };
 
+// The scores x_m of one query (see the top), `inv_q` = 1 / max(||q||, eps) (relu_cos) or 1 (softmax).
+FASTPROTO_HD_TEMPLATE
+template <typename T, typename Load, typename Sum>
+FASTPROTO_HD void scores(const Rows<T>& r, int M, int64_t D, int kind, float eps, int lane, int lanes,
+                         const Load& load, const Sum& sum, float* x, float& inv_q, float& q_norm) {
+  inv_q = 1.f;
+  q_norm = 0.f;
+  if (kind == kReluCos) {
+    float qq = 0.f;
+    for (int64_t d = lane; d < D; d += lanes) {
+      const float v = load(r.q[d * r.q_sd]);
+      qq += v * v;
+    }
+    q_norm = sqrtf(sum(qq));
+    inv_q = 1.f / fmaxf(q_norm, eps);
+  }
+  for (int m = 0; m < M; ++m) {
+    const T* km = r.k + m * r.k_sm;
+    float dot = 0.f;
+    for (int64_t d = lane; d < D; d += lanes) dot += load(r.q[d * r.q_sd]) * load(km[d * r.k_sd]);
+    dot = sum(dot);
+    x[m] = kind == kReluCos ? dot * inv_q * r.inv_k[m] : dot;
+  }
+}
+
+// The attention weights a_m from the scores, in place.
+FASTPROTO_HD void weights(int M, int kind, float scale, float* a) {
+  if (kind == kReluCos) {
+    for (int m = 0; m < M; ++m) {
+      const float c = scale * a[m];
+      a[m] = (c > 0.f || c != c) ? c : 0.f;  // ReLU that keeps NaN, as torch.relu
+    }
+    return;
+  }
+  float top = -INFINITY;
+  for (int m = 0; m < M; ++m) {
+    a[m] *= scale;
+    top = fmaxf(top, a[m]);
+  }
+  float total = 0.f;
+  for (int m = 0; m < M; ++m) {
+    a[m] = expf(a[m] - top);
+    total += a[m];
+  }
+  const float norm = 1.f / total;
+  for (int m = 0; m < M; ++m) a[m] *= norm;
+}
+
 // One query's output, by `lanes` threads that take the dims lane, lane + lanes, ...; `sum` turns a thread's
 // partial sum into the group's sum (identity for one thread), `load` / `store` convert to and from float.
 FASTPROTO_HD_TEMPLATE
@@ -39,43 +94,72 @@ template <typename T, typename Load, typename Store, typename Sum>
 FASTPROTO_HD void attend(const Rows<T>& r, int M, int64_t D, int64_t Dv, int kind, float scale, float eps, int lane,
                          int lanes, const Load& load, const Store& store, const Sum& sum) {
   float a[kMaxM];
-  float inv_q = 1.f;
-  if (kind == kReluCos) {
-    float qq = 0.f;
-    for (int64_t d = lane; d < D; d += lanes) {
-      const float x = load(r.q[d * r.q_sd]);
-      qq += x * x;
-    }
-    inv_q = 1.f / fmaxf(sqrtf(sum(qq)), eps);
-  }
-  float top = -INFINITY;
-  for (int m = 0; m < M; ++m) {
-    const T* km = r.k + m * r.k_sm;
-    float dot = 0.f;
-    for (int64_t d = lane; d < D; d += lanes) dot += load(r.q[d * r.q_sd]) * load(km[d * r.k_sd]);
-    dot = sum(dot);
-    if (kind == kReluCos) {
-      const float c = scale * dot * inv_q * r.inv_k[m];
-      a[m] = (c > 0.f || c != c) ? c : 0.f;  // ReLU that keeps NaN, as torch.relu
-    } else {
-      a[m] = scale * dot;
-      top = fmaxf(top, a[m]);
-    }
-  }
-  float norm = 1.f;
-  if (kind == kSoftmax) {
-    float total = 0.f;
-    for (int m = 0; m < M; ++m) {
-      a[m] = expf(a[m] - top);
-      total += a[m];
-    }
-    norm = 1.f / total;
-  }
+  float inv_q, q_norm;
+  scores(r, M, D, kind, eps, lane, lanes, load, sum, a, inv_q, q_norm);
+  weights(M, kind, scale, a);
   for (int64_t e = lane; e < Dv; e += lanes) {
     float o = 0.f;
     for (int m = 0; m < M; ++m) o += a[m] * load(r.v[m * r.v_sm + e * r.v_sd]);
-    store(r.out[e * r.o_sd], o * norm);
+    store(r.out[e * r.o_sd], o);
   }
+}
+
+// One query's backward (see the top): writes dq [D] (stride dq_sd) from g [Dv] (stride g_sd), adds its shares
+// of d(k̂) (relu_cos) or dk (softmax) into dk [M, D] and of dv into dv [M, Dv] (float32, contiguous) through
+// `add(float* dst, float v)`, and returns its share of d(s_h) (the same in every thread of the group).
+FASTPROTO_HD_TEMPLATE
+template <typename T, typename Load, typename Store, typename Sum, typename Add>
+FASTPROTO_HD float attend_backward(const Rows<T>& r, const T* g, int64_t g_sd, T* dq, int64_t dq_sd, int M, int64_t D,
+                                   int64_t Dv, int kind, float scale, float eps, int lane, int lanes,
+                                   const Load& load, const Store& store, const Sum& sum, const Add& add, float* dk,
+                                   float* dv) {
+  float x[kMaxM], a[kMaxM];
+  float inv_q, q_norm;
+  scores(r, M, D, kind, eps, lane, lanes, load, sum, x, inv_q, q_norm);
+  for (int m = 0; m < M; ++m) a[m] = x[m];
+  weights(M, kind, scale, a);
+  // g_m = g·v_m, then x_m is replaced by dz_m (relu_cos: once its share of d(s_h) is taken)
+  float dscale = 0.f, ag = 0.f;
+  for (int m = 0; m < M; ++m) {
+    float gm = 0.f;
+    for (int64_t e = lane; e < Dv; e += lanes) gm += load(g[e * g_sd]) * load(r.v[m * r.v_sm + e * r.v_sd]);
+    gm = sum(gm);
+    if (kind == kReluCos) {
+      const float dz = scale * x[m] > 0.f ? gm : 0.f;
+      dscale += dz * x[m];  // NaN scores make NaN here, as in the reference
+      x[m] = dz;
+    } else {
+      ag += a[m] * gm;
+      x[m] = gm;
+    }
+  }
+  if (kind == kSoftmax)
+    for (int m = 0; m < M; ++m) x[m] = a[m] * (x[m] - ag);
+  // dq and the keys' shares: acc_d = sum_m dz_m k'_md with k' = k̂ (relu_cos) or k (softmax)
+  const float qdq = scale * dscale;  // relu_cos: q̂·d(q̂)
+  float qacc = 0.f;                  // softmax: sum_d q_d acc_d = sum_m dz_m x_m, d(s_h)'s share
+  for (int64_t d = lane; d < D; d += lanes) {
+    const float qd = load(r.q[d * r.q_sd]);
+    const float qk = kind == kReluCos ? qd * inv_q : qd;  // q̂_d or q_d
+    float acc = 0.f;
+    for (int m = 0; m < M; ++m) {
+      float km = load(r.k[m * r.k_sm + d * r.k_sd]);
+      if (kind == kReluCos) km *= r.inv_k[m];
+      acc += x[m] * km;
+      add(dk + m * D + d, scale * x[m] * qk);
+    }
+    float dqd = scale * acc;
+    if (kind == kReluCos)
+      dqd = !(q_norm <= eps) ? (dqd - qk * qdq) * inv_q : dqd / eps;  // a NaN norm gives NaN, as the reference
+    else
+      qacc += qd * acc;
+    store(dq[d * dq_sd], dqd);
+  }
+  for (int64_t e = lane; e < Dv; e += lanes) {
+    const float ge = load(g[e * g_sd]);
+    for (int m = 0; m < M; ++m) add(dv + m * Dv + e, a[m] * ge);
+  }
+  return kind == kReluCos ? dscale : sum(qacc);
 }
 
 }  // namespace proto

@@ -38,14 +38,12 @@ cudaError_t launch_route_nearest(ElementType dtype, const void* x, const int64_t
                                  const int64_t* p_strides, const float* inv_p, float* dist, const int64_t* d_strides,
                                  int64_t* index, const int64_t* i_strides, int64_t B, int64_t N, int64_t M, int64_t C,
                                  bool per_location, float eps, cudaStream_t stream) {
-  if (B * N == 0) return cudaSuccess;
-  return with_element_type(dtype, [&](auto tag) {
+  return launch_rows(dtype, B * N, [&](auto tag, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    route_nearest_kernel<T><<<row_blocks(B * N), row_threads(), 0, stream>>>(
+    route_nearest_kernel<T><<<grid, block, 0, stream>>>(
         static_cast<const T*>(x), x_strides[0], x_strides[1], x_strides[2], static_cast<const T*>(p), p_strides[0],
         p_strides[1], p_strides[2], inv_p, dist, d_strides[0], d_strides[1], index, i_strides[0], i_strides[1], B, N, M, C,
         per_location, eps);
-    return cudaGetLastError();
   });
 }
 

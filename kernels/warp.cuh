@@ -33,6 +33,17 @@ cudaError_t with_element_type(ElementType dtype, F&& f) {
   }
 }
 
+// launch(T{}, grid, block) for a one-warp-per-row kernel over `rows` rows (none: nothing), T by dtype; returns
+// the launch's error. Host code.
+template <typename Launch>
+cudaError_t launch_rows(ElementType dtype, int64_t rows, Launch&& launch) {
+  if (rows == 0) return cudaSuccess;
+  return with_element_type(dtype, [&](auto tag) {
+    launch(tag, row_blocks(rows), row_threads());
+    return cudaGetLastError();
+  });
+}
+
 struct ToFloat {
   __device__ __forceinline__ float operator()(float v) const { return v; }
   __device__ __forceinline__ float operator()(__half v) const { return __half2float(v); }

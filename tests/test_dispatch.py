@@ -44,14 +44,16 @@ def test_auto_prefers_triton_then_the_compiled_kernel_then_the_reference(availab
     assert resolve("auto", _inputs("cpu")) == "reference"
 
 
-def test_forward_only_kernels_are_skipped_or_refused_for_training(available):
-    available(triton=False, compiled=True)
-    assert resolve("auto", _inputs(grad=True), forward_only=("cuda",)) == "reference"
-    assert resolve("auto", _inputs(grad=False), forward_only=("cuda",)) == "cuda"
-    with pytest.raises(RuntimeError, match="forward-only"):
-        resolve("cuda", _inputs(grad=True), forward_only=("cuda",))
-    with torch.no_grad():  # no graph is built: the inference kernel may run
-        assert resolve("cuda", _inputs(grad=True), forward_only=("cuda",)) == "cuda"
+def test_forward_only_ops_go_to_the_reference_or_are_refused_for_training(available):
+    available(triton=True, compiled=True)
+    assert resolve("auto", _inputs(grad=True), has_backward=False) == "reference"
+    assert resolve("auto", _inputs(grad=False), has_backward=False) == "triton"
+    assert resolve("auto", _inputs(grad=True)) == "triton"
+    for impl in ("triton", "cuda"):
+        with pytest.raises(RuntimeError, match="forward-only"):
+            resolve(impl, _inputs(grad=True), has_backward=False)
+        with torch.no_grad():  # no graph is built: the inference kernel may run
+            assert resolve(impl, _inputs(grad=True), has_backward=False) == impl
 
 
 def test_forced_cuda_names_what_is_missing(available, monkeypatch):

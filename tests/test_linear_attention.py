@@ -7,8 +7,9 @@
   ``__main__``), with every buffer the Triton path allocates poisoned with NaN and strided inputs
   taken as views into NaN-filled storage;
 - ``LinearAttention`` vs a restatement of Dinomaly's ``LinearAttention2`` forward;
-- the compiled inference kernel's per-query routine (shared by its CUDA and CPU kernels) through the CPU kernel:
-  the same float64 comparison as the reference (every case x layout x dtype), NaN, eps, argument errors;
+- the compiled kernels' per-row routines (shared by their CUDA and CPU kernels) through the CPU kernels: the
+  same float64 comparison as the reference (every case x layout x dtype), forward and backward (gradients vs
+  autograd through the float64 restatement), NaN, eps, argument errors;
 - GPU tests at real shapes (skipped without CUDA).
 """
 from __future__ import annotations
@@ -108,10 +109,13 @@ LAYOUTS = ("contig", "tokens", "dmajor", "stepped")
 def _compiled_with_state(q, k, v, phi, eps):
     if not _ext.has_op(ops_la.COMPILED_OP, "cpu"):
         pytest.skip("compiled extension with linear_attention_forward not built")
-    return ops_la._compiled_forward(q, k, v, phi, eps)
+    out, state, ksum = ops_la._compiled_forward(q, k, v, phi, eps)
+    want_ksum = _phi64(k.double(), phi).sum(-2)
+    assert _rel_err(ksum, want_ksum) <= 1e-5 * max(1, k.shape[2] // 8), "ksum"
+    return out, state
 
 
-# the compiled inference path's CPU kernel runs the per-query routine its CUDA kernel shares
+# the compiled path's CPU kernel runs the per-query routine its CUDA kernel shares
 PATHS = {"reference": lambda q, k, v, phi, eps: ref.linear_attention_with_state(q, k, v, phi=phi, eps=eps),
          "compiled": _compiled_with_state}
 
@@ -426,12 +430,100 @@ def test_triton_interpreter_nan_unsupported_module(interpreter_results):
 
 
 # ----------------------------------------------------------------------------------------------
-# compiled linear_attention_forward (inference): the per-query routine shared by the CUDA and CPU kernels,
-# run by the CPU kernel
+# compiled linear_attention_forward / _backward: the per-row routines shared by the CUDA and CPU kernels,
+# run by the CPU kernels
 # ----------------------------------------------------------------------------------------------
 
 needs_compiled = pytest.mark.skipif(not _ext.has_op(ops_la.COMPILED_OP, "cpu"),
                                     reason="compiled extension with linear_attention_forward not built")
+
+
+def _compiled_fwd_bwd(q, k, v, g, phi, eps=1e-6):
+    """Output and gradients through the autograd Function with the compiled kernel pair, as
+    linear_attention(impl="cuda") runs it (here on the extension's CPU kernels)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, _ = ops_la._LinearAttentionFn.apply(ops_la._KERNELS["cuda"], *leaves, phi, eps, False)
+    return out.detach(), torch.autograd.grad(out, leaves, g)
+
+
+def _gradient_error(got, want, scale):
+    """max |got - want| / max(1, scale) elementwise, ``scale`` the float64 magnitude of the terms a float32
+    gradient is the difference of (where they cancel, float32 can do no better than their size times its
+    epsilon; relu with few keys makes phi(q)·z tiny and the cancelled terms large)."""
+    return float(((got.double() - want).abs() / scale.clamp_min(1.0)).max()) if want.numel() else 0.0
+
+
+def _cancellation_scales(q, k, v, g, phi, eps):
+    """Float64 sizes of the terms summed into dq = phi'(q) r (u - w z), dk = phi'(k) (dS v + dz) and
+    dv = phi(k) dS (see kernels/linear_attention_row.h), per element: the scale of the rounding of each."""
+    q, k, v, g = (t.detach().double() for t in (q, k, v, g))
+    f, fk = _phi64(q, phi), _phi64(k, phi)
+    dphi = lambda x: torch.where(x > 0, torch.ones_like(x), torch.exp(x) if phi == "elu" else torch.zeros_like(x))
+    S, z = fk.transpose(-2, -1) @ v, fk.sum(-2)
+    r = 1.0 / ((f * z.unsqueeze(-2)).sum(-1) + eps)
+    u = g @ S.transpose(-2, -1)
+    w = r * (f * u).sum(-1)
+    scale_q = dphi(q).abs() * r.abs().unsqueeze(-1) * (u.abs() + (w.unsqueeze(-1) * z.unsqueeze(-2)).abs())
+    a = r.unsqueeze(-1).abs() * f
+    dS = a.transpose(-2, -1) @ g.abs()  # |a|^T |g|: the size of the terms of dS
+    scale_k = dphi(k).abs() * (v.abs() @ dS.transpose(-2, -1) + (a * w.abs().unsqueeze(-1)).sum(-2).unsqueeze(-2))
+    return scale_q, scale_k, fk.abs() @ dS
+
+
+needs_compiled_backward = pytest.mark.skipif(not _ext.has_op(ops_la.COMPILED_BACKWARD_OP, "cpu"),
+                                             reason="compiled extension with linear_attention_backward not built")
+
+
+@needs_compiled_backward
+@pytest.mark.parametrize("phi", ["elu", "relu"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_compiled_backward_matches_float64(case, phi, dtype, tol, rng, poisoned):
+    """dq, dk, dv of the compiled backward vs autograd through the float64 einsum restatement, for every
+    case (Nq != Nk, D != Dv, Nq = 1, Nk = 1) in every layout of q, k, v and grad_out."""
+    seed = _seed(rng)
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Nq, Nk, D, Dv = CASES[case]
+    for i, layout in enumerate(LAYOUTS):
+        q = _make(gen, (B, H, Nq, D), dtype, layout)
+        k = _make(gen, (B, H, Nk, D), dtype, LAYOUTS[(i + 1) % len(LAYOUTS)])
+        v = _make(gen, (B, H, Nk, Dv), dtype, LAYOUTS[(i + 2) % len(LAYOUTS)])
+        g = _make(gen, (B, H, Nq, Dv), dtype, LAYOUTS[(i + 3) % len(LAYOUTS)])
+        out, grads = _compiled_fwd_bwd(q, k, v, g, phi)
+        leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        want_out, _ = _expected64(*leaves, phi, 1e-6)
+        want = torch.autograd.grad(want_out, leaves, g.double())
+        assert _rel_err(out, want_out) <= tol, f"{case} {layout}: out (seed={seed})"
+        scales = _cancellation_scales(q, k, v, g, phi, 1e-6)
+        for name, a, b, t, scale in zip("qkv", grads, want, (q, k, v), scales):
+            assert a.dtype == dtype and a.shape == t.shape, name
+            err = _gradient_error(a, b, scale)
+            assert err <= tol, f"{case} {phi} {dtype} {layout}: d{name} rel err {err:.2e} > {tol} (seed={seed})"
+
+
+@needs_compiled_backward
+@pytest.mark.parametrize("phi", ["elu", "relu"])
+def test_compiled_backward_nan_and_eps(phi, rng, poisoned):
+    """A NaN query spoils its own dq row and, through the state gradient, its head's dk and dv (as the
+    reference's autograd); other heads stay finite. eps = 0 (Dinomaly) and a large eps match too."""
+    seed = _seed(rng)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, g = (_make(gen, s) for s in [(2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 4), (2, 2, 5, 4)])
+    q[0, 1, 3, 2] = float("nan")
+    _, (dq, dk, dv) = _compiled_fwd_bwd(q, k, v, g, phi)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    want = torch.autograd.grad(ref.linear_attention(*leaves, phi=phi, eps=1e-6), leaves, g)
+    for name, a, b in zip("qkv", (dq, dk, dv), want):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"d{name} NaN pattern (seed={seed})"
+        assert _rel_err(torch.nan_to_num(a), torch.nan_to_num(b), 1.0) <= 1e-5, f"d{name} (seed={seed})"
+    assert torch.isnan(dq[0, 1, 3]).any() and torch.isfinite(dq[1]).all() and torch.isfinite(dk[0, 0]).all()
+    q[0, 1, 3, 2] = 0.5  # not 0: there relu's derivative is a convention (torch: 0, the clamp restatement: 1)
+    for eps in (0.0, 0.5):
+        _, got = _compiled_fwd_bwd(q, k, v, g, phi, eps)
+        leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        want = torch.autograd.grad(_expected64(*leaves, phi, eps)[0], leaves, g.double())
+        for name, a, b, scale in zip("qkv", got, want, _cancellation_scales(q, k, v, g, phi, eps)):
+            assert _gradient_error(a, b, scale) <= 1e-5, f"eps={eps} d{name} (seed={seed})"
 
 
 @needs_compiled
@@ -440,17 +532,17 @@ def test_compiled_forward_nan_and_eps(rng, poisoned):
     q, k, v = (_make(gen, s) for s in [(2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 4)])
     q2 = q.clone()
     q2[0, 1, 3, 2] = float("nan")
-    out, _ = ops_la._compiled_forward(q2, k, v, "elu", 1e-6)
+    out = ops_la._compiled_forward(q2, k, v, "elu", 1e-6)[0]
     nan_mask = torch.zeros_like(out, dtype=torch.bool)
     nan_mask[0, 1, 3] = True
     assert torch.isnan(out[nan_mask]).all() and torch.isfinite(out[~nan_mask]).all()
     for phi in ("elu", "relu"):
         k2 = k.clone()
         k2[1, 0, 4, 0] = float("nan")
-        out, _ = ops_la._compiled_forward(q, k2, v, phi, 1e-6)
+        out = ops_la._compiled_forward(q, k2, v, phi, 1e-6)[0]
         assert torch.isnan(out[1, 0]).all() and torch.isfinite(out[0]).all(), phi
     # relu of all-negative queries: 0 / (0 + eps) = 0, as the reference
-    out, _ = ops_la._compiled_forward(-q.abs() - 1, k, v, "relu", 0.5)
+    out = ops_la._compiled_forward(-q.abs() - 1, k, v, "relu", 0.5)[0]
     assert torch.equal(out, ref.linear_attention(-q.abs() - 1, k, v, phi="relu", eps=0.5))
 
 
@@ -458,18 +550,47 @@ def test_compiled_forward_nan_and_eps(rng, poisoned):
 def test_compiled_forward_argument_errors():
     op = _ext.op(ops_la.COMPILED_OP)
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 4)
-    out, st = torch.empty(2, 3, 5, 4), torch.empty(2, 3, 8, 4)
+    out, st, ks = torch.empty(2, 3, 5, 4), torch.empty(2, 3, 8, 4), torch.empty(2, 3, 8)
     cases = [
-        ((q[0], k, v, 0, 1e-6, out, st), "must be \\[B,H,N,D\\]"),
-        ((q.double(), k.double(), v.double(), 0, 1e-6, out.double(), st), "float32, float16 or bfloat16"),
-        ((q, k.half(), v, 0, 1e-6, out, st), "q's dtype"),
-        ((q, torch.randn(2, 4, 6, 8), v, 0, 1e-6, out, st), "share batch and heads"),
-        ((q, torch.randn(2, 3, 6, 7), v, 0, 1e-6, out, st), "head dim"),
-        ((q, k, torch.randn(2, 3, 5, 4), 0, 1e-6, out, st), "tokens"),
-        ((q, k, v, 2, 1e-6, out, st), "phi must be"),
-        ((q, k, v, 0, -1.0, out, st), "eps must be"),
-        ((q, k, v, 0, 1e-6, torch.empty(2, 3, 5, 8), st), "out must be"),
-        ((q, k, v, 0, 1e-6, out, st.double()), "state must be"),
+        ((q[0], k, v, 0, 1e-6, out, st, ks), "must be \\[B,H,N,D\\]"),
+        ((q.double(), k.double(), v.double(), 0, 1e-6, out.double(), st, ks), "float32, float16 or bfloat16"),
+        ((q, k.half(), v, 0, 1e-6, out, st, ks), "q's dtype"),
+        ((q, torch.randn(2, 4, 6, 8), v, 0, 1e-6, out, st, ks), "share batch and heads"),
+        ((q, torch.randn(2, 3, 6, 7), v, 0, 1e-6, out, st, ks), "head dim"),
+        ((q, k, torch.randn(2, 3, 5, 4), 0, 1e-6, out, st, ks), "tokens"),
+        ((q, k, v, 2, 1e-6, out, st, ks), "phi must be"),
+        ((q, k, v, 0, -1.0, out, st, ks), "eps must be"),
+        ((q, k, v, 0, 1e-6, torch.empty(2, 3, 5, 8), st, ks), "out must be"),
+        ((q, k, v, 0, 1e-6, out, st.double(), ks), "state must be"),
+        ((q, k, v, 0, 1e-6, out, st, torch.empty(2, 3, 4)), "ksum must be"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+
+
+@needs_compiled_backward
+def test_compiled_backward_argument_errors():
+    op = _ext.op(ops_la.COMPILED_BACKWARD_OP)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 4)
+    _, st, ks = ops_la._compiled_forward(q, k, v, "elu", 1e-6)
+    g = torch.randn(2, 3, 5, 4)
+    good = (q, k, v, st, ks, g, 0, 1e-6, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    op(*good)  # the arguments below differ from these in one place each
+
+    def bad(i, t):
+        return good[:i] + (t,) + good[i + 1:]
+
+    cases = [
+        (bad(5, torch.randn(2, 3, 5, 8)), "grad_out must be"),
+        (bad(5, g.half()), "grad_out must be"),
+        (bad(3, st.t() if st.dim() == 2 else st.transpose(-1, -2)), "state must be"),
+        (bad(4, ks.double()), "ksum must be"),
+        (bad(8, torch.empty(2, 3, 5, 4)), "grad_q must be"),
+        (bad(9, torch.empty_like(k).half()), "grad_k must be"),
+        (bad(10, torch.empty(2, 3, 6, 8)), "grad_v must be"),
+        (bad(6, 5), "phi must be"),
+        (bad(7, float("inf")), "eps must be"),
     ]
     for args, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
@@ -520,20 +641,23 @@ def test_gpu_triton_matches_reference_real_shapes(dtype, tol, phi, rng):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("phi", ["elu", "relu"])
-def test_gpu_compiled_forward_real_shapes(dtype, tol, phi, rng, poisoned):
-    """linear_attention(impl="cuda") (inference) at Dinomaly's shapes from a packed qkv, vs the reference."""
-    if not _ext.has_op(ops_la.COMPILED_OP, "cuda"):
+def test_gpu_compiled_real_shapes(dtype, tol, phi, rng, poisoned):
+    """linear_attention(impl="cuda") forward and backward at Dinomaly's shapes from a packed qkv, vs the
+    reference."""
+    if not _ext.has_op(ops_la.COMPILED_BACKWARD_OP, "cuda"):
         pytest.skip("the compiled extension has no CUDA kernel")
     seed = _seed(rng)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     B, H, N, D = 16, 12, 789, 64
     qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
-    out, state = linear_attention_with_state(qkv[0], qkv[1], qkv[2], phi=phi, impl="cuda")
-    want, want_state = ref.linear_attention_with_state(qkv[0], qkv[1], qkv[2], phi=phi)
-    assert torch.isfinite(out).all(), f"seed={seed}"
-    assert _rel_err(out, want) <= tol and _rel_err(state, want_state) <= tol, f"{dtype} {phi} (seed={seed})"
-    with pytest.raises(RuntimeError, match="forward-only"):
-        linear_attention(qkv[0].detach().requires_grad_(), qkv[1], qkv[2], phi=phi, impl="cuda")
+    g = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype)
+    o_c, s_c, g_c = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, "cuda")
+    o_r, s_r, g_r = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, "reference")
+    assert torch.isfinite(o_c).all() and all(torch.isfinite(a).all() for a in g_c), f"seed={seed}"
+    for key, a, b in (("out", o_c, o_r), ("state", s_c, s_r), ("dq", g_c[0], g_r[0]),
+                      ("dk", g_c[1], g_r[1]), ("dv", g_c[2], g_r[2])):
+        err = _rel_err(a, b, 1.0 if key.startswith("d") else 1e-30)
+        assert err <= tol, f"{dtype} {phi} {key}: rel err {err:.2e} > {tol} (seed={seed})"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@
 - the compiled ``route_nearest`` (per-token math shared by the extension's CUDA and CPU kernels) through its
   CPU kernel vs the float64 re-statement and the reference: every bank layout, dtypes, strided inputs,
   M = 1, ties, NaN, poisoned outputs, gradients through the autograd Function, argument errors;
+- the compiled prototype attention forward and backward (per-query routines shared likewise) through the CPU
+  kernels vs float64 (values, and gradients of q, k, v and the per-head scale), NaN, zero vectors, errors;
 - GPU tests at real shapes (``@pytest.mark.gpu``; skipped without CUDA).
 """
 from __future__ import annotations
@@ -695,6 +697,78 @@ def test_compiled_attention_matches_float64(kind, shared, M, dtype, seed, poison
     assert _rel(out, ref_out) <= TOL[dtype], f"seed={seed}"
 
 
+def _compiled_attn_train(q, k, v, kind, scale):
+    """The output through the autograd Function with the compiled kernel pair, as
+    prototype_attention(impl="cuda") runs it (here on the extension's CPU kernels)."""
+    H, D = q.shape[1], q.shape[-1]
+    scale_t = scale if isinstance(scale, torch.Tensor) else None
+    with torch.no_grad():
+        s = _ref.head_scale(scale_t.detach() if scale_t is not None else scale, H,
+                            1.0 if kind == "relu_cos" else D ** -0.5, q.device, torch.float32)
+    return ops_proto._ProtoAttnFn.apply(ops_proto._ATTENTION["cuda"], q, k, v, scale_t, kind,
+                                        s.reshape(H).contiguous())
+
+
+needs_compiled_attention_backward = pytest.mark.skipif(
+    not _ext.has_op(ops_proto.ATTENTION_BACKWARD_OP, "cpu"),
+    reason="compiled extension with prototype_attention_backward not built")
+
+
+@needs_compiled_attention_backward
+@pytest.mark.parametrize("kind", ["relu_cos", "softmax"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("M", [1, 6, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_attention_backward_matches_float64(kind, shared, M, dtype, seed, poisoned):
+    """Gradients of q, k, v and a per-head scale tensor (both kinds) through the compiled backward vs the
+    float64 reference's autograd; strided inputs and a strided grad_out."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H, N, D, DV = 2, 3, 37, 40, 24
+    q = _t(gen, (B, H, N, D), dtype, strided=True).requires_grad_()
+    k = _t(gen, (H, M, D) if shared else (B, H, M, D), dtype, strided=M > 1).requires_grad_()
+    v = _t(gen, (H, M, DV) if shared else (B, H, M, DV), dtype, strided=M > 1).requires_grad_()
+    scale = (torch.rand(H, 1, 1, generator=gen) + (0.5 if kind == "relu_cos" else 0.05)).requires_grad_()
+    g = _t(gen, (B, H, N, DV), dtype, strided=True)
+    leaves = (q, k, v, scale)
+    out = _compiled_attn_train(q, k, v, kind, scale)
+    got = torch.autograd.grad(out, leaves, g)
+    want_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    want_out = _ref.prototype_attention(*want_leaves[:3], kind=kind, scale=want_leaves[3])
+    want = torch.autograd.grad(want_out, want_leaves, g.double())
+    assert _rel(out, want_out) <= TOL[dtype], f"seed={seed}"
+    for name, a, b, leaf in zip("qkvs", got, want, leaves):
+        assert a.dtype == leaf.dtype and a.shape == leaf.shape, name
+        assert torch.isfinite(a).all(), f"{name} seed={seed}"
+        assert _rel(a, b) <= TOL[dtype], f"d{name} rel err {_rel(a, b):.2e} (seed={seed})"
+
+
+@needs_compiled_attention_backward
+def test_compiled_attention_backward_nan_and_zero_vectors(seed, poisoned):
+    """A NaN query poisons its own dq row and the prototype gradients it feeds (as the reference does), and
+    no other query's dq; a zero query gets the reference's finite gradient (d(q̂) / eps)."""
+    gen = torch.Generator().manual_seed(seed)
+    for kind in ("relu_cos", "softmax"):
+        q = _t(gen, (2, 2, 5, 4))
+        q[0, 0, 1, 2] = float("nan")
+        q = q.requires_grad_()
+        k, v = _t(gen, (2, 3, 4)).requires_grad_(), _t(gen, (2, 3, 4)).requires_grad_()
+        dq, dk, dv = torch.autograd.grad(_compiled_attn_train(q, k, v, kind, None), (q, k, v), torch.ones(2, 2, 5, 4))
+        wq, wk, wv = torch.autograd.grad(_ref.prototype_attention(q, k, v, kind=kind), (q, k, v),
+                                         torch.ones(2, 2, 5, 4))
+        assert torch.isnan(dq[0, 0, 1]).all() and torch.isfinite(dq[0, 0, [0, 2, 3, 4]]).all(), kind
+        assert torch.isfinite(dq[1]).all() and torch.isfinite(dk[1]).all() and torch.isfinite(dv[1]).all(), kind
+        for a, b in ((dq, wq), (dk, wk), (dv, wv)):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), kind
+            assert _rel(torch.nan_to_num(a), torch.nan_to_num(b)) <= 1e-5, kind
+    q = torch.zeros(1, 1, 2, 4, requires_grad=True)
+    k, v = torch.randn(1, 3, 4, generator=gen).requires_grad_(), torch.randn(1, 3, 4, generator=gen)
+    s = torch.full((1, 1, 1), 2.0)
+    g = torch.randn(1, 1, 2, 4, generator=gen)
+    (dq,) = torch.autograd.grad(_compiled_attn_train(q, k, v, "relu_cos", s), (q,), g)
+    (wq,) = torch.autograd.grad(_ref.prototype_attention(q, k, v, kind="relu_cos", scale=s), (q,), g)
+    assert torch.isfinite(dq).all() and _rel(dq, wq) <= 1e-5
+
+
 @needs_compiled_attention
 def test_compiled_attention_nan_and_zero_vectors(seed, poisoned):
     gen = torch.Generator().manual_seed(seed)
@@ -731,14 +805,39 @@ def test_compiled_attention_argument_errors():
             op(*args)
 
 
+@needs_compiled_attention_backward
+def test_compiled_attention_backward_argument_errors():
+    op = _ext.op(ops_proto.ATTENTION_BACKWARD_OP)
+    q, k, v, s = torch.randn(2, 3, 5, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 6), torch.ones(3)
+    g = torch.randn(2, 3, 5, 6)
+    dq, dk, dv, ds = torch.empty(2, 3, 5, 8), torch.empty(2, 3, 4, 8), torch.empty(2, 3, 4, 6), torch.empty(2, 3)
+    good = (q, k, v, s, g, 0, 1e-12, dq, dk, dv, ds)
+    op(*good)  # the shapes below differ from these in one place each
+
+    def bad(i, t):
+        return good[:i] + (t,) + good[i + 1:]
+
+    cases = [
+        (bad(4, torch.randn(2, 3, 5, 7)), "grad_out must be"),
+        (bad(4, g.half()), "grad_out must be"),
+        (bad(7, torch.empty(2, 3, 5, 7)), "grad_q must be"),
+        (bad(7, dq.half()), "grad_q must be"),
+        (bad(8, torch.empty(3, 4, 8)), r"grad_k must be contiguous float32 \[2, 3, 4, 8\]"),
+        (bad(8, torch.empty(2, 3, 8, 4).transpose(-1, -2)), "grad_k must be contiguous"),
+        (bad(9, torch.empty(2, 3, 4, 6).double()), "grad_v must be"),
+        (bad(10, torch.empty(3)), "grad_scale must be"),
+        (bad(5, 3), "kind must be"),
+        (bad(1, torch.randn(3, 65, 8)), "M <= 64"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+
+
 def test_attention_cuda_impl_errors():
     q, k = torch.randn(1, 2, 4, 8), torch.randn(2, 3, 8)
     with pytest.raises(RuntimeError, match="impl='cuda' needs CUDA tensors"):
         prototype_attention(q, k, k, impl="cuda")
-    if torch.cuda.is_available() and _ext.has_op(ops_proto.ATTENTION_OP, "cuda"):
-        qc = q.cuda().requires_grad_()
-        with pytest.raises(RuntimeError, match="forward-only"):
-            prototype_attention(qc, k.cuda(), k.cuda(), impl="cuda")
 
 
 def test_route_cuda_impl_errors():
@@ -826,18 +925,24 @@ def test_gpu_route_nearest_real_shapes(impl, M, dtype, seed):
 @pytest.mark.parametrize("kind", ["relu_cos", "softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_compiled_attention_real_shapes(M, kind, dtype, seed, poisoned):
-    """prototype_attention(impl="cuda") (inference) vs the reference; auto still takes Triton."""
-    if not _ext.has_op(ops_proto.ATTENTION_OP, "cuda"):
+    """prototype_attention(impl="cuda") forward and backward vs the reference, at the models' shapes (shared
+    bank: the block-summed prototype gradients add over the whole batch)."""
+    if not _ext.has_op(ops_proto.ATTENTION_BACKWARD_OP, "cuda"):
         pytest.skip("the compiled extension has no CUDA kernel")
     gen = torch.Generator(device="cuda").manual_seed(seed)
     B, H, N, D = 16, 12, 784, 64
-    q = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype)
-    k = torch.randn(B, H, M, D, device="cuda", generator=gen).to(dtype)
-    v = torch.randn(B, H, M, D, device="cuda", generator=gen).to(dtype)
-    s = torch.rand(H, 1, 1, device="cuda", generator=gen) + 0.5 if kind == "relu_cos" else None
+    q = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype).requires_grad_()
+    shape = (H, M, D) if kind == "softmax" else (B, H, M, D)
+    k = torch.randn(*shape, device="cuda", generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(*shape, device="cuda", generator=gen).to(dtype).requires_grad_()
+    s = (torch.rand(H, 1, 1, device="cuda", generator=gen) + 0.5).requires_grad_()
+    g = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     got = prototype_attention(q, k, v, kind=kind, scale=s, impl="cuda")
     want = prototype_attention(q, k, v, kind=kind, scale=s, impl="reference")
-    assert _rel(got.cpu(), want.cpu()) <= (1e-5 if dtype == torch.float32 else 1e-2), f"seed={seed}"
+    assert _rel(got.cpu(), want.cpu()) <= tol, f"seed={seed}"
+    for name, a, b in zip("qkvs", torch.autograd.grad(got, (q, k, v, s), g), torch.autograd.grad(want, (q, k, v, s), g)):
+        assert _rel(a.cpu(), b.cpu()) <= tol, f"d{name} seed={seed}"
 
 
 GPU_ROUTE_CASES = {  # name: (mode, x shape, bank shape, per_location)

@@ -45,7 +45,7 @@ def _compiled_missing(compiled_op: Optional[str]) -> Optional[str]:
 
 def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: Sequence[str] = ("triton",),
                  has_backward: bool = True, unsupported: Optional[Callable[[], Optional[str]]] = None,
-                 compiled_op: Optional[str] = None, forward_only: Sequence[str] = ()) -> str:
+                 compiled_op: Optional[str] = None) -> str:
     """Return the implementation to run: one of ``impls`` (those the op has besides the reference) or
     ``"reference"``.
 
@@ -60,7 +60,6 @@ def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: 
             head dim); ``"auto"`` then falls back to the reference with a one-time warning.
         compiled_op: the ``torch.ops.fastproto`` operator behind ``"cuda"`` (when ``impls`` has it): that
             path runs only when the extension was built with CUDA.
-        forward_only: those of ``impls`` that have no backward (as ``has_backward=False`` for them alone).
     """
     allowed = ("auto", *impls, "reference")
     if not isinstance(impl, str) or impl not in allowed:
@@ -74,8 +73,6 @@ def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: 
         if device.type != "cuda" or (needs_grad and not has_backward):
             return "reference"
         for candidate in impls:
-            if needs_grad and candidate in forward_only:
-                continue
             if candidate == "triton" and not _triton_pkg.is_available():
                 continue
             if candidate == "cuda" and _compiled_missing(compiled_op):
@@ -99,7 +96,7 @@ def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: 
         missing = _compiled_missing(compiled_op)
         if missing:
             raise RuntimeError(f"{op}: impl='cuda' requested but {missing}")
-    if needs_grad and (not has_backward or impl in forward_only):
+    if needs_grad and not has_backward:
         raise RuntimeError(
             f"{op}: the {impl} path is forward-only (an inference op) and an input requires grad; "
             "call it under torch.no_grad(), detach the inputs, or use impl='reference' / impl='auto' "

@@ -12,9 +12,11 @@ Implementations:
 * Triton backward: **analytic, in Triton** (two kernels: dq + dS/dz over query tiles, then dk/dv
   over key tiles), from the fp32 state saved by the forward. Not autograd through the reference.
 * Reference: plain PyTorch, differentiable by autograd; half/bfloat16 computed in float32.
-* CUDA (``impl="cuda"``, inference only): the compiled extension's ``linear_attention_forward``: the
-  float32 kv state by cuBLAS from C++, then one kernel for the outputs (one warp per query; its routine,
-  ``kernels/linear_attention_row.h``, is shared with the extension's CPU kernel, which the tests run). Not
+* CUDA (``impl="cuda"``): the compiled extension's ``linear_attention_forward`` / ``_backward``: the
+  products over all tokens of a head (kv state and key sum; in the backward their gradients
+  ``dS = sum_i r_i phi(q_i)^T g_i``, ``dz``) by cuBLAS from C++, the per-row work in one kernel per pass
+  (one warp per query: outputs, or dq and the query terms; one warp per key: dk, dv). The per-row routines,
+  ``kernels/linear_attention_row.h``, are shared with the extension's CPU kernels, which the tests run. Not
   yet measured on a GPU, so ``"auto"`` prefers Triton.
 
 ``impl="auto"`` takes Triton on CUDA tensors (float32/float16/bfloat16, head dims <= 128) and the
@@ -30,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fastproto import _ext
 from fastproto.ops._dispatch import device_guard, resolve_impl
@@ -49,15 +52,16 @@ def _triton_module():
     return importlib.import_module("fastproto.triton.linear_attention")
 
 
-class _LinearAttentionTritonFn(torch.autograd.Function):
-    """Triton forward + analytic Triton backward. Returns ``(out, state)``; ``state`` (the kv
-    state ``sum_j phi(k_j)^T v_j`` in the input dtype, non-differentiable) only when ``want_state``,
-    else None (no copy: the plain op does not pay for it)."""
+class _LinearAttentionFn(torch.autograd.Function):
+    """Forward and analytic backward by a kernel pair (Triton, or the compiled one); the forward's float32
+    state and key sum are saved for the backward. Returns ``(out, state)``; ``state`` (the kv state
+    ``sum_j phi(k_j)^T v_j`` in the input dtype, non-differentiable) only when ``want_state``, else None
+    (no copy: the plain op does not pay for it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, phi, eps, want_state):
-        tm = _triton_module()
-        out, state, ksum = tm.forward(q, k, v, phi, eps)
+    def forward(ctx, kernels, q, k, v, phi, eps, want_state):
+        forward, ctx.backward_kernel = kernels
+        out, state, ksum = forward(q, k, v, phi, eps)
         ctx.save_for_backward(q, k, v, state, ksum)
         ctx.phi, ctx.eps = phi, eps
         if not want_state:
@@ -67,13 +71,14 @@ class _LinearAttentionTritonFn(torch.autograd.Function):
         return out, state_out
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable themselves
     def backward(ctx, grad_out, _grad_state):
         if grad_out is None:
-            return None, None, None, None, None, None
+            return (None,) * 7
         q, k, v, state, ksum = ctx.saved_tensors
         with device_guard(q.device):
-            dq, dk, dv = _triton_module().backward(q, k, v, state, ksum, grad_out, ctx.phi, ctx.eps)
-        return dq, dk, dv, None, None, None
+            dq, dk, dv = ctx.backward_kernel(q, k, v, state, ksum, grad_out, ctx.phi, ctx.eps)
+        return None, dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,23 +132,43 @@ def _unsupported_reason(q, v) -> Optional[str]:
     return None
 
 
-COMPILED_OP = "linear_attention_forward"  # behind impl="cuda" (inference)
+COMPILED_OP = "linear_attention_forward"  # behind impl="cuda"
+COMPILED_BACKWARD_OP = "linear_attention_backward"
 
 
 def _compiled_forward(q, k, v, phi, eps):
     """``torch.ops.fastproto.linear_attention_forward`` (CUDA on CUDA tensors, the same routine on the CPU):
-    ``(out [B, H, Nq, Dv] in q's dtype, state [B, H, D, Dv] float32)``."""
+    ``(out [B, H, Nq, Dv] in q's dtype, state [B, H, D, Dv], ksum [B, H, D])``, float32 state and key sum,
+    as the Triton ``forward`` returns them."""
     B, H, N, D = q.shape
     out = empty_output((B, H, N, v.shape[-1]), q.dtype, q.device)
     state = empty_output((B, H, D, v.shape[-1]), torch.float32, q.device)
-    _ext.op(COMPILED_OP)(q, k, v, PHIS.index(phi), float(eps), out, state)
-    return out, state
+    ksum = empty_output((B, H, D), torch.float32, q.device)
+    _ext.op(COMPILED_OP)(q, k, v, PHIS.index(phi), float(eps), out, state, ksum)
+    return out, state, ksum
+
+
+def _compiled_backward(q, k, v, state, ksum, grad_out, phi, eps):
+    """``torch.ops.fastproto.linear_attention_backward``: ``(dq, dk, dv)`` like q, k, v."""
+    dq, dk, dv = (empty_output(t.shape, t.dtype, t.device) for t in (q, k, v))
+    _ext.op(COMPILED_BACKWARD_OP)(q, k, v, state, ksum, grad_out, PHIS.index(phi), float(eps), dq, dk, dv)
+    return dq, dk, dv
+
+
+def _triton_forward(q, k, v, phi, eps):
+    return _triton_module().forward(q, k, v, phi, eps)
+
+
+def _triton_backward(q, k, v, state, ksum, grad_out, phi, eps):
+    return _triton_module().backward(q, k, v, state, ksum, grad_out, phi, eps)
+
+
+_KERNELS = {"triton": (_triton_forward, _triton_backward), "cuda": (_compiled_forward, _compiled_backward)}
 
 
 def _resolve(impl: str, q, k, v) -> str:
     return resolve_impl("linear_attention", impl, [q, k, v], impls=("triton", "cuda"), has_backward=True,
-                        unsupported=lambda: _unsupported_reason(q, v), compiled_op=COMPILED_OP,
-                        forward_only=("cuda",))
+                        unsupported=lambda: _unsupported_reason(q, v), compiled_op=COMPILED_OP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,10 +182,7 @@ def _run(q, k, v, phi, eps, impl, want_state):
     if chosen == "reference":
         return _ref.linear_attention_with_state(q, k, v, phi=phi, eps=eps)
     with device_guard(q.device):
-        if chosen == "cuda":
-            out, state = _compiled_forward(q, k, v, phi, eps)
-            return out, (state.to(q.dtype) if want_state else None)
-        return _LinearAttentionTritonFn.apply(q, k, v, phi, eps, want_state)
+        return _LinearAttentionFn.apply(_KERNELS[chosen], q, k, v, phi, eps, want_state)
 
 
 def linear_attention_with_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: str = "elu",
@@ -182,12 +204,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: 
             float32; float64 on the reference only) and device; any strides.
         phi: ``"elu"`` (``elu(x) + 1``, Dinomaly) or ``"relu"``.
         eps: added to the denominator (>= 0). Dinomaly's ``LinearAttention2`` uses none (0).
-        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (the compiled kernel; inference only: inputs that
-            require grad are refused) or ``"reference"``.
+        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (the compiled kernels) or ``"reference"``.
 
     Returns [B, H, Nq, Dv] in the input dtype (accumulation in float32). On the Triton path it is
-    a permuted view of a [B, Nq, H, Dv] buffer. NaN inputs give NaN outputs. Differentiable on both
-    paths (Triton: analytic backward kernels).
+    a permuted view of a [B, Nq, H, Dv] buffer. NaN inputs give NaN outputs. Differentiable on every
+    path (Triton and compiled: analytic backward kernels).
     """
     return _run(q, k, v, phi, eps, impl, False)[0]
 

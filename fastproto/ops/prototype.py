@@ -14,8 +14,9 @@ through the selected prototype only, is written in PyTorch below (O(B N C)). ``r
 impl="cuda")`` runs the compiled extension's kernel (``kernels/route.cu``, one warp per token; its
 per-token math, ``kernels/route_nearest.h``, is shared with the extension's CPU kernel, which the tests
 run); not yet measured on a GPU, so ``"auto"`` prefers Triton. Likewise ``prototype_attention(...,
-impl="cuda")`` for inference (forward only): ``kernels/prototype.cu``, one warp per query, per-query
-routine ``kernels/prototype_attention.h`` shared with the CPU kernel.
+impl="cuda")``, forward and backward: ``kernels/prototype.cu`` (one warp per query; the backward sums
+each block's prototype gradients in shared memory), per-query routines ``kernels/prototype_attention.h``
+shared with the CPU kernels.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def _compiled_nearest(x, p, per_location):
 
 _NEAREST = {"triton": _triton_nearest, "cuda": _compiled_nearest}
 
-ATTENTION_OP = "prototype_attention_forward"  # behind prototype_attention(impl="cuda"), inference only
+ATTENTION_OP = "prototype_attention_forward"  # behind prototype_attention(impl="cuda")
+ATTENTION_BACKWARD_OP = "prototype_attention_backward"
 
 
 def _compiled_attention(q, k, v, scale, kind):
@@ -77,8 +79,34 @@ def _compiled_attention(q, k, v, scale, kind):
     on the CPU): [B, H, N, Dv] in q's dtype; ``scale`` float32 [H]."""
     B, H, N, _ = q.shape
     out = empty_output((B, H, N, v.shape[-1]), q.dtype, q.device)
-    _ext.op(ATTENTION_OP)(q, k, v, scale, 0 if kind == "relu_cos" else 1, _ref.ATTN_NORM_EPS, out)
+    _ext.op(ATTENTION_OP)(q, k, v, scale, _KIND_CODE[kind], _ref.ATTN_NORM_EPS, out)
     return out
+
+
+def _compiled_attention_backward(q, k, v, scale, grad_out, kind):
+    """``torch.ops.fastproto.prototype_attention_backward``: ``(dq, dk_acc, dv, dscale)`` as the Triton
+    ``prototype_attention_backward`` returns them (float32 per-sample sums; d(k̂) for relu_cos)."""
+    B, H, N, D = q.shape
+    M, DV = k.shape[-2], v.shape[-1]
+    dq = empty_output((B, H, N, D), q.dtype, q.device)
+    dk, dv, ds = (empty_output(shape, torch.float32, q.device) for shape in ((B, H, M, D), (B, H, M, DV), (B, H)))
+    _ext.op(ATTENTION_BACKWARD_OP)(q, k, v, scale, grad_out, _KIND_CODE[kind], _ref.ATTN_NORM_EPS, dq, dk, dv, ds)
+    return dq, dk, dv, ds
+
+
+_KIND_CODE = {"relu_cos": 0, "softmax": 1}  # the kernels' `kind` (KIND_RELU_COS / kReluCos, ...)
+
+
+def _triton_attention(q, k, v, scale, kind):
+    return _triton_module().prototype_attention(q, k, v, scale, kind)
+
+
+def _triton_attention_backward(q, k, v, scale, grad_out, kind):
+    return _triton_module().prototype_attention_backward(q, k, v, scale, grad_out, kind)
+
+
+_ATTENTION = {"triton": (_triton_attention, _triton_attention_backward),
+              "cuda": (_compiled_attention, _compiled_attention_backward)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,11 +127,14 @@ def _normalize_bwd(y, n, dy, eps):
 
 
 class _ProtoAttnFn(torch.autograd.Function):
-    """Triton forward and backward (the backward kernel recomputes the attention per query tile)."""
+    """Forward and backward by a kernel pair (Triton, or the compiled one): the backward kernel recomputes
+    the attention per query and returns float32 per-sample prototype gradients, finished here on the small
+    [M, D] side."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale_t, kind, scale_h):
-        out = _triton_module().prototype_attention(q, k, v, scale_h, kind)
+    def forward(ctx, kernels, q, k, v, scale_t, kind, scale_h):
+        forward, ctx.backward_kernel = kernels
+        out = forward(q, k, v, scale_h, kind)
         ctx.save_for_backward(q, k, v, scale_h)
         ctx.kind = kind
         ctx.scale_shape = None if scale_t is None else scale_t.shape
@@ -111,9 +142,10 @@ class _ProtoAttnFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable themselves
     def backward(ctx, dout):
         q, k, v, s = ctx.saved_tensors
-        dq, dk, dv, ds = _triton_module().prototype_attention_backward(q, k, v, s, dout, ctx.kind)
+        dq, dk, dv, ds = ctx.backward_kernel(q, k, v, s, dout, ctx.kind)
         if ctx.kind == "relu_cos":  # dk holds d(k / max(||k||, eps)): finish on the small [M, D] side
             kn, knorm = _normalize_fwd(k.float(), _ref.ATTN_NORM_EPS)
             kn_b = kn if k.dim() == 4 else kn.unsqueeze(0)
@@ -122,11 +154,11 @@ class _ProtoAttnFn(torch.autograd.Function):
         if k.dim() == 3:
             dk, dv = dk.sum(0), dv.sum(0)
         dscale = None
-        if ctx.scale_shape is not None and ctx.needs_input_grad[3]:
+        if ctx.scale_shape is not None and ctx.needs_input_grad[4]:  # inputs: kernels, q, k, v, scale_t, ...
             per_head = ds.sum(0)
             one = math.prod(ctx.scale_shape) == 1
             dscale = (per_head.sum() if one else per_head).reshape(ctx.scale_shape).to(ctx.scale_dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dscale, None, None
+        return None, dq, dk.to(k.dtype), dv.to(v.dtype), dscale, None, None
 
 
 class _RouteNearestFn(torch.autograd.Function):
@@ -252,8 +284,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
             per head, a tensor of H elements such as [H] or INP-Former's [H, 1, 1] ``learn_scale``,
             or a number; default 1) or ``"softmax"`` (``softmax(scale · q kᵀ) v``; default
             ``D ** -0.5``).
-        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (the compiled kernel; inference only: inputs that
-            require grad are refused) or ``"reference"``.
+        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (the compiled kernels) or ``"reference"``.
 
     Returns [B, H, N, Dv] in q's dtype. Differentiable w.r.t. q, k, v and a tensor ``scale``.
     """
@@ -300,7 +331,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
 
     tensors = [q, k, v] + ([scale_t] if scale_t is not None else [])
     chosen = resolve_impl(op, impl, tensors, impls=("triton", "cuda"), has_backward=True, unsupported=unsupported,
-                          compiled_op=ATTENTION_OP, forward_only=("cuda",))
+                          compiled_op=ATTENTION_OP)
     if chosen == "reference":
         return _ref.prototype_attention(q, k, v, kind=kind, scale=scale)
     default = 1.0 if kind == "relu_cos" else D ** -0.5
@@ -308,9 +339,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
         s_h = _ref.head_scale(scale_t.detach() if scale_t is not None else scale, H, default, q.device,
                               torch.float32).reshape(H).contiguous()
     with device_guard(q.device):
-        if chosen == "cuda":
-            return _compiled_attention(q, k, v, s_h, kind)
-        return _ProtoAttnFn.apply(q, k, v, scale_t, kind, s_h)
+        return _ProtoAttnFn.apply(_ATTENTION[chosen], q, k, v, scale_t, kind, s_h)
 
 
 _MAX_M = 64  # the Triton kernels hold the prototypes on chip; kMaxM of kernels/prototype_attention.h
