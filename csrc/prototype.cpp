@@ -44,12 +44,14 @@ void prototype_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, c
     const QueryRows<T> rows{q, k, v, out, inv_k.defined() ? inv_k.data_ptr<float>() : nullptr};
     const int64_t H = q.size(1), N = q.size(2);
     const float* sp = scale.data_ptr<float>();
-    at::parallel_for(0, q.size(0) * H * N, 64, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t % N, h = (t / N) % H, b = t / (N * H);
-        proto::attend(rows(b, h, n), int(k.size(-2)), q.size(3), v.size(-1), int(kind), sp[h], float(eps), 0, 1,
-                      CastToFloat{}, CastFromFloat{}, OneThreadSum{});
-      }
+    proto::with_max_m(int(k.size(-2)), [&](auto max_m) {
+      at::parallel_for(0, q.size(0) * H * N, 64, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = t % N, h = (t / N) % H, b = t / (N * H);
+          proto::attend<max_m()>(rows(b, h, n), int(k.size(-2)), q.size(3), v.size(-1), int(kind), sp[h],
+                                 float(eps), 0, 1, CastToFloat{}, CastFromFloat{}, OneThreadSum{});
+        }
+      });
     });
   });
 }

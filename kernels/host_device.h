@@ -6,9 +6,12 @@
 #define FASTPROTO_HD __host__ __device__ __forceinline__
 // before a host/device template that calls the device-only methods of its CUDA instantiation's arguments
 #define FASTPROTO_HD_TEMPLATE _Pragma("nv_exec_check_disable")
+// before a loop of compile-time trip count whose copies must index a register array by constants
+#define FASTPROTO_UNROLL _Pragma("unroll")
 #else
 #define FASTPROTO_HD inline
 #define FASTPROTO_HD_TEMPLATE
+#define FASTPROTO_UNROLL
 #endif
 
 namespace fastproto {

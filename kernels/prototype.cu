@@ -24,12 +24,12 @@ __device__ __forceinline__ proto::Rows<T> query_rows(const ProtoAttnArgs& a, int
           a.inv_k ? a.inv_k + b * a.inv_k_sb + h * a.M : nullptr};
 }
 
-template <typename T>
+template <typename T, int MaxM>
 __global__ void __launch_bounds__(kRowWarps * 32) prototype_attention_kernel(ProtoAttnArgs args) {
   const int64_t t = warp_row();
   if (t >= args.B * args.H * args.N) return;
   const int64_t n = t % args.N, h = (t / args.N) % args.H, b = t / (args.N * args.H);
-  proto::attend(query_rows<T>(args, b, h, n), args.M, args.D, args.Dv, args.kind, args.scale[h], args.eps,
+  proto::attend<MaxM>(query_rows<T>(args, b, h, n), args.M, args.D, args.Dv, args.kind, args.scale[h], args.eps,
                 threadIdx.x & 31, 32, ToFloat{}, FromFloat{}, WarpSum{});
 }
 
@@ -65,7 +65,9 @@ __global__ void __launch_bounds__(kRowWarps * 32) prototype_attention_backward_k
 
 cudaError_t launch_prototype_attention(ElementType dtype, const ProtoAttnArgs& args, cudaStream_t stream) {
   return launch_rows(dtype, args.B * args.H * args.N, [&](auto tag, dim3 grid, dim3 block) {
-    prototype_attention_kernel<decltype(tag)><<<grid, block, 0, stream>>>(args);
+    proto::with_max_m(args.M, [&](auto max_m) {
+      prototype_attention_kernel<decltype(tag), max_m()><<<grid, block, 0, stream>>>(args);
+    });
   });
 }
 

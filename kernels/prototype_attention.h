@@ -15,6 +15,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "host_device.h"
 
@@ -25,7 +26,24 @@ namespace proto {
 constexpr int kMaxM = 64;  // must equal fastproto.ops.prototype._MAX_M
 enum Kind : int { kReluCos = 0, kSoftmax = 1 };
 
+// The routines hold per-prototype values in arrays of MaxM floats. The forward takes MaxM a compile-time bucket
+// of M and unrolls its loops over the prototypes (MaxM steps guarded by m < M), so on the GPU each element is a
+// register (a run-time index puts the array in local memory). The backward keeps run-time loops over kMaxM
+// arrays: its loops hold inner loops and adds, and unrolled they spill (seen in ptxas' report: 255 registers
+// and spills from M = 16, 3 minutes of nvcc). f(std::integral_constant<int, MaxM>) for the smallest bucket
+// holding M. Host code.
+template <typename F>
+inline void with_max_m(int M, F&& f) {
+  if (M <= 8) return f(std::integral_constant<int, 8>{});
+  if (M <= 16) return f(std::integral_constant<int, 16>{});
+  if (M <= 32) return f(std::integral_constant<int, 32>{});
+  return f(std::integral_constant<int, kMaxM>{});
+}
+
 // Strided rows of one query's operands (element strides).
+// A loop over the prototypes m < M: with Unroll, MaxM guarded steps that the compiler unrolls.
+#define FASTPROTO_FOR_M(m) FASTPROTO_UNROLL for (int m = 0; m < (Unroll ? MaxM : M); ++m) if (!Unroll || m < M)
+
 template <typename T>
 struct Rows {
   const T* q;
@@ -41,7 +59,7 @@ struct Rows {
 
 // The scores x_m of one query (see the top), `inv_q` = 1 / max(||q||, eps) (relu_cos) or 1 (softmax).
 FASTPROTO_HD_TEMPLATE
-template <typename T, typename Load, typename Sum>
+template <int MaxM, bool Unroll, typename T, typename Load, typename Sum>
 FASTPROTO_HD void scores(const Rows<T>& r, int M, int64_t D, int kind, float eps, int lane, int lanes,
                          const Load& load, const Sum& sum, float* x, float& inv_q, float& q_norm) {
   inv_q = 1.f;
@@ -55,7 +73,7 @@ FASTPROTO_HD void scores(const Rows<T>& r, int M, int64_t D, int kind, float eps
     q_norm = sqrtf(sum(qq));
     inv_q = 1.f / fmaxf(q_norm, eps);
   }
-  for (int m = 0; m < M; ++m) {
+  FASTPROTO_FOR_M(m) {
     const T* km = r.k + m * r.k_sm;
     float dot = 0.f;
     for (int64_t d = lane; d < D; d += lanes) dot += load(r.q[d * r.q_sd]) * load(km[d * r.k_sd]);
@@ -65,41 +83,43 @@ FASTPROTO_HD void scores(const Rows<T>& r, int M, int64_t D, int kind, float eps
 }
 
 // The attention weights a_m from the scores, in place.
+template <int MaxM, bool Unroll>
 FASTPROTO_HD void weights(int M, int kind, float scale, float* a) {
   if (kind == kReluCos) {
-    for (int m = 0; m < M; ++m) {
+    FASTPROTO_FOR_M(m) {
       const float c = scale * a[m];
       a[m] = (c > 0.f || c != c) ? c : 0.f;  // ReLU that keeps NaN, as torch.relu
     }
     return;
   }
   float top = -INFINITY;
-  for (int m = 0; m < M; ++m) {
+  FASTPROTO_FOR_M(m) {
     a[m] *= scale;
     top = fmaxf(top, a[m]);
   }
   float total = 0.f;
-  for (int m = 0; m < M; ++m) {
+  FASTPROTO_FOR_M(m) {
     a[m] = expf(a[m] - top);
     total += a[m];
   }
   const float norm = 1.f / total;
-  for (int m = 0; m < M; ++m) a[m] *= norm;
+  FASTPROTO_FOR_M(m) a[m] *= norm;
 }
 
 // One query's output, by `lanes` threads that take the dims lane, lane + lanes, ...; `sum` turns a thread's
 // partial sum into the group's sum (identity for one thread), `load` / `store` convert to and from float.
 FASTPROTO_HD_TEMPLATE
-template <typename T, typename Load, typename Store, typename Sum>
+template <int MaxM, typename T, typename Load, typename Store, typename Sum>
 FASTPROTO_HD void attend(const Rows<T>& r, int M, int64_t D, int64_t Dv, int kind, float scale, float eps, int lane,
                          int lanes, const Load& load, const Store& store, const Sum& sum) {
-  float a[kMaxM];
+  constexpr bool Unroll = true;
+  float a[MaxM];
   float inv_q, q_norm;
-  scores(r, M, D, kind, eps, lane, lanes, load, sum, a, inv_q, q_norm);
-  weights(M, kind, scale, a);
+  scores<MaxM, Unroll>(r, M, D, kind, eps, lane, lanes, load, sum, a, inv_q, q_norm);
+  weights<MaxM, Unroll>(M, kind, scale, a);
   for (int64_t e = lane; e < Dv; e += lanes) {
     float o = 0.f;
-    for (int m = 0; m < M; ++m) o += a[m] * load(r.v[m * r.v_sm + e * r.v_sd]);
+    FASTPROTO_FOR_M(m) o += a[m] * load(r.v[m * r.v_sm + e * r.v_sd]);
     store(r.out[e * r.o_sd], o);
   }
 }
@@ -115,9 +135,9 @@ FASTPROTO_HD float attend_backward(const Rows<T>& r, const T* g, int64_t g_sd, T
                                    float* dv) {
   float x[kMaxM], a[kMaxM];
   float inv_q, q_norm;
-  scores(r, M, D, kind, eps, lane, lanes, load, sum, x, inv_q, q_norm);
+  scores<kMaxM, false>(r, M, D, kind, eps, lane, lanes, load, sum, x, inv_q, q_norm);
   for (int m = 0; m < M; ++m) a[m] = x[m];
-  weights(M, kind, scale, a);
+  weights<kMaxM, false>(M, kind, scale, a);
   // g_m = g·v_m, then x_m is replaced by dz_m (relu_cos: once its share of d(s_h) is taken)
   float dscale = 0.f, ag = 0.f;
   for (int m = 0; m < M; ++m) {

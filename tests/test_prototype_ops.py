@@ -679,7 +679,7 @@ def _compiled_attn(q, k, v, kind, scale):
 @needs_compiled_attention
 @pytest.mark.parametrize("kind", ["relu_cos", "softmax"])
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("M", [1, 6, 64])
+@pytest.mark.parametrize("M", [1, 6, 8, 13, 32, 33, 64])  # each prototype-count bucket (8, 16, 32, 64) and edges
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_compiled_attention_matches_float64(kind, shared, M, dtype, seed, poisoned):
     gen = torch.Generator().manual_seed(seed)

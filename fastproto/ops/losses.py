@@ -183,7 +183,7 @@ def coherence_loss(features: torch.Tensor, prototypes: torch.Tensor, *, impl: st
     Args:
         features: [B, N, C] tokens (INP-Former: the fused encoder tokens; no detach, as there).
         prototypes: [M, C] shared or [B, M, C] per-sample (INP-Former: the extractor output).
-        impl: passed to :func:`fastproto.ops.route` (``"auto"``, ``"triton"`` or ``"reference"``).
+        impl: passed to :func:`fastproto.ops.route` (``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``).
 
     Returns a scalar in ``features``' dtype (averaged in float32/float64). Gradient flows through the
     nearest prototype of each token only (as ``torch.min``'s).
