@@ -72,7 +72,7 @@ void linear_attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, con
     for_rows(B, H, k.size(2), [&](int64_t b, int64_t h, int64_t n, int64_t bh) {
       linattn::key_backward(row<T>(k, b, h, n), k.stride(3), row<T>(v, b, h, n), v.stride(3), dsp + bh * D * Dv,
                             dzp + bh * D, row<T>(grad_k, b, h, n), grad_k.stride(3), row<T>(grad_v, b, h, n),
-                            grad_v.stride(3), D, Dv, int(phi), 0, 1, CastToFloat{}, CastFromFloat{});
+                            grad_v.stride(3), D, Dv, int(phi), 0, 1, CastToFloat{}, CastFromFloat{}, OneThreadSum{});
     });
   });
 }

@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) linear_attention_backward_key_
                         args.dstate + bh * args.D * args.Dv, args.dksum + bh * args.D,
                         row<T>(args.dk, args.dk_strides, b, h, n), args.dk_strides[3],
                         row<T>(args.dv, args.dv_strides, b, h, n), args.dv_strides[3], args.D, args.Dv, args.phi,
-                        threadIdx.x & 31, 32, ToFloat{}, FromFloat{});
+                        threadIdx.x & 31, 32, ToFloat{}, FromFloat{}, WarpSum{});
 }
 
 }  // namespace

@@ -63,22 +63,26 @@ FASTPROTO_HD void attend(const T* q, int64_t q_sd, const float* S, const float* 
   }
 }
 
-// One query's backward, by `lanes` threads splitting the head dims d = lane, lane + lanes, ...: writes dq and
-// a = r phi(q) (float32 [D], contiguous; it holds u until the second pass, each thread its own dims) and
-// returns w = out·g (the same in every thread).
+// One query's backward, by `lanes` threads: u_d = sum_e S[d][e] g_e is a group sum over the value dims (lanes
+// read a row of S together, as the forward), kept by the thread of d (d % lanes == lane), which then writes dq_d
+// and a_d. Writes dq and a = r phi(q) (float32 [D], contiguous; it holds u until the second pass) and returns
+// w = out·g (the same in every thread).
 FASTPROTO_HD_TEMPLATE
 template <typename T, typename Load, typename Store, typename Sum>
 FASTPROTO_HD float query_backward(const T* q, int64_t q_sd, const T* g, int64_t g_sd, const float* S, const float* z,
                                   T* dq, int64_t dq_sd, float* a, int64_t D, int64_t Dv, int kind, float eps, int lane,
                                   int lanes, const Load& load, const Store& store, const Sum& sum) {
   float den = 0.f, fu = 0.f;
-  for (int64_t d = lane; d < D; d += lanes) {
-    const float f = phi(load(q[d * q_sd]), kind);
-    float u = 0.f;
-    for (int64_t e = 0; e < Dv; ++e) u += S[d * Dv + e] * load(g[e * g_sd]);
-    a[d] = u;
-    den += f * z[d];
-    fu += f * u;
+  for (int64_t d = 0; d < D; ++d) {
+    float part = 0.f;
+    for (int64_t e = lane; e < Dv; e += lanes) part += S[d * Dv + e] * load(g[e * g_sd]);
+    const float u = sum(part);
+    if (d % lanes == lane) {
+      const float f = phi(load(q[d * q_sd]), kind);
+      a[d] = u;
+      den += f * z[d];
+      fu += f * u;
+    }
   }
   const float r = 1.f / (sum(den) + eps);
   const float w = r * sum(fu);
@@ -90,17 +94,19 @@ FASTPROTO_HD float query_backward(const T* q, int64_t q_sd, const T* g, int64_t 
   return w;
 }
 
-// One key's backward, by `lanes` threads (no cross-thread sums): dk = phi'(k) (dS v + dz) over d = lane,
-// lane + lanes, ..., and dv = phi(k) dS over e = lane, lane + lanes, ... (dS [D][Dv], dz [D] float32).
+// One key's backward, by `lanes` threads: dk = phi'(k) (dS v + dz), with (dS v)_d a group sum over the value
+// dims kept by the thread of d, and dv = phi(k) dS over e = lane, lane + lanes, ... (dS [D][Dv], dz [D]
+// float32). Lanes read rows of dS together.
 FASTPROTO_HD_TEMPLATE
-template <typename T, typename Load, typename Store>
+template <typename T, typename Load, typename Store, typename Sum>
 FASTPROTO_HD void key_backward(const T* k, int64_t k_sd, const T* v, int64_t v_sd, const float* dS, const float* dz,
                                T* dk, int64_t dk_sd, T* dv, int64_t dv_sd, int64_t D, int64_t Dv, int kind, int lane,
-                               int lanes, const Load& load, const Store& store) {
-  for (int64_t d = lane; d < D; d += lanes) {
-    float acc = dz[d];
-    for (int64_t e = 0; e < Dv; ++e) acc += dS[d * Dv + e] * load(v[e * v_sd]);
-    store(dk[d * dk_sd], phi_backward(load(k[d * k_sd]), acc, kind));
+                               int lanes, const Load& load, const Store& store, const Sum& sum) {
+  for (int64_t d = 0; d < D; ++d) {
+    float part = 0.f;
+    for (int64_t e = lane; e < Dv; e += lanes) part += dS[d * Dv + e] * load(v[e * v_sd]);
+    const float acc = sum(part) + dz[d];
+    if (d % lanes == lane) store(dk[d * dk_sd], phi_backward(load(k[d * k_sd]), acc, kind));
   }
   for (int64_t e = lane; e < Dv; e += lanes) {
     float acc = 0.f;
