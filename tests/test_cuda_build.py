@@ -10,7 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cuda_home():
+# the flags of the extension build for sm_90 (setup.py, and torch's defines that hide the half conversions);
+# bench/kernel_resources.py compiles with them too
+NVCC_FLAGS = ["-std=c++17", "-O2", "--use_fast_math", "-gencode=arch=compute_90,code=sm_90",
+              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
+def cuda_home():
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home and Path(home, "bin", "nvcc").is_file():
             return Path(home)
@@ -29,16 +36,12 @@ def _run_all(commands):
 
 
 def test_kernels_compile_with_nvcc(tmp_path):
-    home = _cuda_home()
+    home = cuda_home()
     if home is None:
         pytest.skip("nvcc not found")
     sources = sorted((ROOT / "kernels").glob("*.cu"))
     assert sources, "no kernels/*.cu"
-    # the flags of the extension build (setup.py, and torch's defines that hide the half conversions)
-    flags = ["-std=c++17", "-O2", "--use_fast_math", "-gencode=arch=compute_90,code=sm_90",
-             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-             "-D__CUDA_NO_HALF2_OPERATORS__"]
-    commands = [[str(home / "bin" / "nvcc"), *flags, "-I", str(ROOT / "kernels"), "-c", str(src),
+    commands = [[str(home / "bin" / "nvcc"), *NVCC_FLAGS, "-I", str(ROOT / "kernels"), "-c", str(src),
                  "-o", str(tmp_path / f"{src.stem}.o")]
                 for src in sources]
     failures = _run_all(commands)
@@ -48,7 +51,7 @@ def test_kernels_compile_with_nvcc(tmp_path):
 def test_host_wrappers_syntax():
     torch_ext = pytest.importorskip("torch.utils.cpp_extension")
     gxx = shutil.which("g++")
-    home = _cuda_home()
+    home = cuda_home()
     if gxx is None:
         pytest.skip("g++ not found")
     if home is None or not (home / "include" / "cuda_runtime_api.h").is_file():
