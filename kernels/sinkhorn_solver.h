@@ -87,12 +87,12 @@ template <int KB, typename Team, typename Io>
 FASTPROTO_HD float sweep_rows(const Team& team, const Io& io, const Problem& pb, const float* g,
                               const float* f_old, float* f_new, float inv_eps, float (&acc)[KB]) {
   float err = 0.f;
-#pragma unroll
+FASTPROTO_UNROLL
   for (int k = 0; k < KB; ++k) acc[k] = 0.f;
   for (int64_t i = team.rank(); i < pb.N; i += team.size()) {
     float p[KB];
     float mx = -INFINITY;
-#pragma unroll
+FASTPROTO_UNROLL
     for (int k = 0; k < KB; ++k) {
       if (k < pb.K) {
         p[k] = (g[k] - io.cost(i, k)) * inv_eps;
@@ -100,7 +100,7 @@ FASTPROTO_HD float sweep_rows(const Team& team, const Io& io, const Problem& pb,
       }
     }
     float r = 0.f;
-#pragma unroll
+FASTPROTO_UNROLL
     for (int k = 0; k < KB; ++k) {
       if (k < pb.K) {
         p[k] = expf(p[k] - mx);
@@ -115,7 +115,7 @@ FASTPROTO_HD float sweep_rows(const Team& team, const Io& io, const Problem& pb,
     err = fmaxf(err, e);
     f_new[i] = fn;
     const float w = a / r;
-#pragma unroll
+FASTPROTO_UNROLL
     for (int k = 0; k < KB; ++k)
       if (k < pb.K) acc[k] += p[k] * w;
   }
@@ -129,28 +129,28 @@ FASTPROTO_HD void update_columns(Team& team, const Io& io, const Problem& pb, co
                                  const float* f_new, float inv_eps, float (&acc)[KB]) {
   team.template sum<KB>(acc, pb.K);
   bool exact = false;
-#pragma unroll
+FASTPROTO_UNROLL
   for (int k = 0; k < KB; ++k)
     if (k < pb.K && !(acc[k] > 1e-30f)) exact = true;  // underflow or NaN
   if (exact) {
     float m[KB];
-#pragma unroll
+FASTPROTO_UNROLL
     for (int k = 0; k < KB; ++k) {
       m[k] = -INFINITY;
       acc[k] = 0.f;
     }
     for (int64_t i = team.rank(); i < pb.N; i += team.size()) {
       const float fi = f_new[i];
-#pragma unroll
+FASTPROTO_UNROLL
       for (int k = 0; k < KB; ++k)
         if (k < pb.K) lse_push(m[k], acc[k], (fi - io.cost(i, k)) * inv_eps);
     }
     team.template merge_lse<KB>(m, acc, pb.K);
-#pragma unroll
+FASTPROTO_UNROLL
     for (int k = 0; k < KB; ++k)
       if (k < pb.K) acc[k] = pb.eps * (pb.log_b[k] - (m[k] + logf(acc[k])));
   } else {
-#pragma unroll
+FASTPROTO_UNROLL
     for (int k = 0; k < KB; ++k)
       if (k < pb.K) acc[k] = pb.eps * (pb.log_b[k] - logf(acc[k])) + g[k];
   }
@@ -161,7 +161,7 @@ FASTPROTO_HD_TEMPLATE
 template <int KB, typename Team>
 FASTPROTO_HD void set_columns(Team& team, float* g, const float (&g_new)[KB], int K) {
   team.sync();
-#pragma unroll
+FASTPROTO_UNROLL
   for (int k = 0; k < KB; ++k)
     if (k < K) g[k] = g_new[k];
 }
@@ -173,7 +173,7 @@ FASTPROTO_HD void solve(Team& team, const Io& io, const Problem& pb) {
   const float inv_eps = 1.f / pb.eps;
   float* const g = team.columns();
   float acc[KB];
-#pragma unroll
+FASTPROTO_UNROLL
   for (int k = 0; k < KB; ++k) g[k] = 0.f;
   float* const f0 = pb.f;
   float* const f1 = pb.f + pb.N;
@@ -199,7 +199,7 @@ FASTPROTO_HD void solve(Team& team, const Io& io, const Problem& pb) {
   for (int64_t i = team.rank(); i < pb.N; i += team.size()) {
     const float fi = (cur ? f1 : f0)[i];
     float row = 0.f;
-#pragma unroll
+FASTPROTO_UNROLL
     for (int k = 0; k < KB; ++k) {
       if (k < pb.K) {
         const float c = io.cost(i, k);
