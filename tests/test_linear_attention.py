@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import _interpreter
+from tests._op_errors import expect_errors
 from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import LinearAttention, LinearCrossAttention, linear_attention
@@ -101,6 +102,14 @@ CASES = {
 LAYOUTS = ("contig", "tokens", "dmajor", "stepped")
 
 
+def _layout_inputs(gen, case, dtype):
+    """(layout, q, k, v, grad_out) for each layout of q, the other three in the next layouts in turn."""
+    B, H, Nq, Nk, D, Dv = case
+    shapes = ((B, H, Nq, D), (B, H, Nk, D), (B, H, Nk, Dv), (B, H, Nq, Dv))
+    for i, layout in enumerate(LAYOUTS):
+        yield (layout, *(_make(gen, shape, dtype, LAYOUTS[(i + j) % len(LAYOUTS)]) for j, shape in enumerate(shapes)))
+
+
 # ----------------------------------------------------------------------------------------------
 # reference vs float64 restatement
 # ----------------------------------------------------------------------------------------------
@@ -128,10 +137,7 @@ def test_matches_float64(path, case, phi, dtype, tol, rng, poisoned):
     seed = _seed(rng)
     gen = torch.Generator().manual_seed(seed)
     B, H, Nq, Nk, D, Dv = CASES[case]
-    for i, layout in enumerate(LAYOUTS):
-        q = _make(gen, (B, H, Nq, D), dtype, layout)
-        k = _make(gen, (B, H, Nk, D), dtype, LAYOUTS[(i + 1) % len(LAYOUTS)])
-        v = _make(gen, (B, H, Nk, Dv), dtype, LAYOUTS[(i + 2) % len(LAYOUTS)])
+    for layout, q, k, v, _ in _layout_inputs(gen, CASES[case], dtype):
         out, state = PATHS[path](q, k, v, phi, 1e-6)
         want, want_state = _expected64(q, k, v, phi, 1e-6)
         assert out.shape == (B, H, Nq, Dv) and out.dtype == dtype
@@ -483,12 +489,7 @@ def test_compiled_backward_matches_float64(case, phi, dtype, tol, rng, poisoned)
     case (Nq != Nk, D != Dv, Nq = 1, Nk = 1) in every layout of q, k, v and grad_out."""
     seed = _seed(rng)
     gen = torch.Generator().manual_seed(seed)
-    B, H, Nq, Nk, D, Dv = CASES[case]
-    for i, layout in enumerate(LAYOUTS):
-        q = _make(gen, (B, H, Nq, D), dtype, layout)
-        k = _make(gen, (B, H, Nk, D), dtype, LAYOUTS[(i + 1) % len(LAYOUTS)])
-        v = _make(gen, (B, H, Nk, Dv), dtype, LAYOUTS[(i + 2) % len(LAYOUTS)])
-        g = _make(gen, (B, H, Nq, Dv), dtype, LAYOUTS[(i + 3) % len(LAYOUTS)])
+    for layout, q, k, v, g in _layout_inputs(gen, CASES[case], dtype):
         out, grads = _compiled_fwd_bwd(q, k, v, g, phi)
         leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
         want_out, _ = _expected64(*leaves, phi, 1e-6)
@@ -571,30 +572,21 @@ def test_compiled_forward_argument_errors():
 
 @needs_compiled_backward
 def test_compiled_backward_argument_errors():
-    op = _ext.op(ops_la.COMPILED_BACKWARD_OP)
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 4)
     _, st, ks = ops_la._compiled_forward(q, k, v, "elu", 1e-6)
     g = torch.randn(2, 3, 5, 4)
-    good = (q, k, v, st, ks, g, 0, 1e-6, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    op(*good)  # the arguments below differ from these in one place each
-
-    def bad(i, t):
-        return good[:i] + (t,) + good[i + 1:]
-
-    cases = [
-        (bad(5, torch.randn(2, 3, 5, 8)), "grad_out must be"),
-        (bad(5, g.half()), "grad_out must be"),
-        (bad(3, st.t() if st.dim() == 2 else st.transpose(-1, -2)), "state must be"),
-        (bad(4, ks.double()), "ksum must be"),
-        (bad(8, torch.empty(2, 3, 5, 4)), "grad_q must be"),
-        (bad(9, torch.empty_like(k).half()), "grad_k must be"),
-        (bad(10, torch.empty(2, 3, 6, 8)), "grad_v must be"),
-        (bad(6, 5), "phi must be"),
-        (bad(7, float("inf")), "eps must be"),
-    ]
-    for args, msg in cases:
-        with pytest.raises(RuntimeError, match=msg):
-            op(*args)
+    expect_errors(_ext.op(ops_la.COMPILED_BACKWARD_OP),
+                  (q, k, v, st, ks, g, 0, 1e-6, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)), [
+                      (5, torch.randn(2, 3, 5, 8), "grad_out must be"),
+                      (5, g.half(), "grad_out must be"),
+                      (3, st.transpose(-1, -2), "state must be"),
+                      (4, ks.double(), "ksum must be"),
+                      (8, torch.empty(2, 3, 5, 4), "grad_q must be"),
+                      (9, torch.empty_like(k).half(), "grad_k must be"),
+                      (10, torch.empty(2, 3, 6, 8), "grad_v must be"),
+                      (6, 5, "phi must be"),
+                      (7, float("inf"), "eps must be"),
+                  ])
 
 
 # ----------------------------------------------------------------------------------------------

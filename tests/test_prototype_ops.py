@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tests import _interpreter
+from tests._op_errors import expect_errors
 from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops.prototype import PrototypeAttention, prototype_attention, route
@@ -807,31 +808,21 @@ def test_compiled_attention_argument_errors():
 
 @needs_compiled_attention_backward
 def test_compiled_attention_backward_argument_errors():
-    op = _ext.op(ops_proto.ATTENTION_BACKWARD_OP)
     q, k, v, s = torch.randn(2, 3, 5, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 6), torch.ones(3)
     g = torch.randn(2, 3, 5, 6)
     dq, dk, dv, ds = torch.empty(2, 3, 5, 8), torch.empty(2, 3, 4, 8), torch.empty(2, 3, 4, 6), torch.empty(2, 3)
-    good = (q, k, v, s, g, 0, 1e-12, dq, dk, dv, ds)
-    op(*good)  # the shapes below differ from these in one place each
-
-    def bad(i, t):
-        return good[:i] + (t,) + good[i + 1:]
-
-    cases = [
-        (bad(4, torch.randn(2, 3, 5, 7)), "grad_out must be"),
-        (bad(4, g.half()), "grad_out must be"),
-        (bad(7, torch.empty(2, 3, 5, 7)), "grad_q must be"),
-        (bad(7, dq.half()), "grad_q must be"),
-        (bad(8, torch.empty(3, 4, 8)), r"grad_k must be contiguous float32 \[2, 3, 4, 8\]"),
-        (bad(8, torch.empty(2, 3, 8, 4).transpose(-1, -2)), "grad_k must be contiguous"),
-        (bad(9, torch.empty(2, 3, 4, 6).double()), "grad_v must be"),
-        (bad(10, torch.empty(3)), "grad_scale must be"),
-        (bad(5, 3), "kind must be"),
-        (bad(1, torch.randn(3, 65, 8)), "M <= 64"),
-    ]
-    for args, msg in cases:
-        with pytest.raises(RuntimeError, match=msg):
-            op(*args)
+    expect_errors(_ext.op(ops_proto.ATTENTION_BACKWARD_OP), (q, k, v, s, g, 0, 1e-12, dq, dk, dv, ds), [
+        (4, torch.randn(2, 3, 5, 7), "grad_out must be"),
+        (4, g.half(), "grad_out must be"),
+        (7, torch.empty(2, 3, 5, 7), "grad_q must be"),
+        (7, dq.half(), "grad_q must be"),
+        (8, torch.empty(3, 4, 8), r"grad_k must be contiguous float32 \[2, 3, 4, 8\]"),
+        (8, torch.empty(2, 3, 8, 4).transpose(-1, -2), "grad_k must be contiguous"),
+        (9, torch.empty(2, 3, 4, 6).double(), "grad_v must be"),
+        (10, torch.empty(3), "grad_scale must be"),
+        (5, 3, "kind must be"),
+        (1, torch.randn(3, 65, 8), "M <= 64"),
+    ])
 
 
 def test_attention_cuda_impl_errors():
