@@ -119,6 +119,7 @@ def _compiled_with_state(q, k, v, phi, eps):
     if not _ext.has_op(ops_la.COMPILED_OP, "cpu"):
         pytest.skip("compiled extension with linear_attention_forward not built")
     out, state, ksum = ops_la._compiled_forward(q, k, v, phi, eps)
+    assert out.transpose(1, 2).is_contiguous(), "out must be a view of [B, Nq, H, Dv] storage (the heads merge freely)"
     want_ksum = _phi64(k.double(), phi).sum(-2)
     assert _rel_err(ksum, want_ksum) <= 1e-5 * max(1, k.shape[2] // 8), "ksum"
     return out, state

@@ -138,10 +138,11 @@ COMPILED_BACKWARD_OP = "linear_attention_backward"
 
 def _compiled_forward(q, k, v, phi, eps):
     """``torch.ops.fastproto.linear_attention_forward`` (CUDA on CUDA tensors, the same routine on the CPU):
-    ``(out [B, H, Nq, Dv] in q's dtype, state [B, H, D, Dv], ksum [B, H, D])``, float32 state and key sum,
-    as the Triton ``forward`` returns them."""
+    ``(out [B, H, Nq, Dv] in q's dtype, a permuted view of [B, Nq, H, Dv]; state [B, H, D, Dv], ksum [B, H, D])``,
+    float32 state and key sum, as the Triton ``forward`` returns them."""
     B, H, N, D = q.shape
-    out = empty_output((B, H, N, v.shape[-1]), q.dtype, q.device)
+    # [B, Nq, H, Dv] storage, as the Triton path: the modules' head merge before `proj` is then a view
+    out = empty_output((B, N, H, v.shape[-1]), q.dtype, q.device).permute(0, 2, 1, 3)
     state = empty_output((B, H, D, v.shape[-1]), torch.float32, q.device)
     ksum = empty_output((B, H, D), torch.float32, q.device)
     _ext.op(COMPILED_OP)(q, k, v, PHIS.index(phi), float(eps), out, state, ksum)
@@ -206,8 +207,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: 
         eps: added to the denominator (>= 0). Dinomaly's ``LinearAttention2`` uses none (0).
         impl: ``"auto"``, ``"triton"``, ``"cuda"`` (the compiled kernels) or ``"reference"``.
 
-    Returns [B, H, Nq, Dv] in the input dtype (accumulation in float32). On the Triton path it is
-    a permuted view of a [B, Nq, H, Dv] buffer. NaN inputs give NaN outputs. Differentiable on every
+    Returns [B, H, Nq, Dv] in the input dtype (accumulation in float32). On the Triton and compiled
+    paths it is a permuted view of a [B, Nq, H, Dv] buffer. NaN inputs give NaN outputs. Differentiable on every
     path (Triton and compiled: analytic backward kernels).
     """
     return _run(q, k, v, phi, eps, impl, False)[0]
