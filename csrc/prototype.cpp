@@ -80,7 +80,7 @@ void prototype_attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, 
     at::parallel_for(0, q.size(0) * H, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {  // t = b * H + h owns its [M, D], [M, Dv] and scale accumulators
         const int64_t b = t / H, h = t % H;
-        float dscale = 0.f;
+        double dscale = 0.0;  // the queries' shares of d(scale) cancel: summed in double, as on the GPU
         for (int64_t n = 0; n < N; ++n) {
           const proto::Rows<T> r = rows(b, h, n);
           T* dq_row = dq + b * grad_q.stride(0) + h * grad_q.stride(1) + n * grad_q.stride(2);
@@ -88,7 +88,7 @@ void prototype_attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, 
                                            sp[h], float(eps), 0, 1, CastToFloat{}, CastFromFloat{}, OneThreadSum{},
                                            AddInPlace{}, dk + t * M * D, dv + t * M * Dv);
         }
-        ds[t] = dscale;
+        ds[t] = float(dscale);
       }
     });
   });

@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) prototype_attention_backward_k
   const int lane = threadIdx.x & 31;
   const int64_t tile_end = int64_t(blockIdx.y + 1) * kProtoBwdQueries;
   const int64_t n_end = tile_end < f.N ? tile_end : f.N;
-  float dscale = 0.f;
+  double dscale = 0.0;  // the queries' shares of d(scale) cancel: summed in double
   for (int64_t n = int64_t(blockIdx.y) * kProtoBwdQueries + (threadIdx.x >> 5); n < n_end; n += kRowWarps) {
     const proto::Rows<T> r = query_rows<T>(f, b, h, n);
     T* dq = static_cast<T*>(args.dq) + b * args.dq_strides[0] + h * args.dq_strides[1] + n * args.dq_strides[2];
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) prototype_attention_backward_k
   __syncthreads();
   for (int64_t i = threadIdx.x; i < md; i += blockDim.x) atomicAdd(args.dk + bh * md + i, acc[i]);
   for (int64_t i = threadIdx.x; i < mv; i += blockDim.x) atomicAdd(args.dv + bh * mv + i, acc[md + i]);
-  if (lane == 0) atomicAdd(args.ds + bh, dscale);
+  if (lane == 0) atomicAdd(args.ds + bh, float(dscale));
 }
 
 }  // namespace

@@ -7,7 +7,7 @@
 //   softmax:  x_m = q·k_m,                          a = softmax_m(s_h x),   out = sum_m a_m v_m
 // Backward, with g = d(out) and g_m = g·v_m (the gradient of a_m):
 //   dz_m = g_m [s_h x_m > 0] (relu_cos; 0 at NaN, as torch.relu's backward) or a_m (g_m - sum_j a_j g_j),
-//   d(s_h) += sum_m dz_m x_m,   dv_m += a_m g,
+//   d(s_h) += sum_m dz_m x_m (softmax: centred, see attend_backward),   dv_m += a_m g,
 //   relu_cos: d(q̂) = s_h sum_m dz_m k̂_m, d(k̂_m) += s_h dz_m q̂ (the caller finishes k's normalisation on
 //             the small [M, D] side), dq = (d(q̂) - q̂ (q̂·d(q̂))) / ||q|| if ||q|| > eps else d(q̂) / eps,
 //             where q̂·d(q̂) = s_h sum_m dz_m x_m needs no second pass over q;
@@ -138,7 +138,12 @@ FASTPROTO_HD float attend_backward(const Rows<T>& r, const T* g, int64_t g_sd, T
   scores<kMaxM, false>(r, M, D, kind, eps, lane, lanes, load, sum, x, inv_q, q_norm);
   for (int m = 0; m < M; ++m) a[m] = x[m];
   weights<kMaxM, false>(M, kind, scale, a);
-  // g_m = g·v_m, then x_m is replaced by dz_m (relu_cos: once its share of d(s_h) is taken)
+  // softmax: d(s_h)'s share sum_m dz_m x_m is taken centred, as sum_m a_m g_m (x_m - x̄) with x̄ = sum_m a_m x_m
+  // (the same value, as sum_m dz_m = 0), which cancels far less in float32
+  float xbar = 0.f;
+  if (kind == kSoftmax)
+    for (int m = 0; m < M; ++m) xbar += a[m] * x[m];
+  // g_m = g·v_m, then x_m is replaced by dz_m (relu_cos) or g_m (softmax) once its share of d(s_h) is taken
   float dscale = 0.f, ag = 0.f;
   for (int m = 0; m < M; ++m) {
     float gm = 0.f;
@@ -150,6 +155,7 @@ FASTPROTO_HD float attend_backward(const Rows<T>& r, const T* g, int64_t g_sd, T
       x[m] = dz;
     } else {
       ag += a[m] * gm;
+      dscale += a[m] * gm * (x[m] - xbar);
       x[m] = gm;
     }
   }
@@ -157,7 +163,6 @@ FASTPROTO_HD float attend_backward(const Rows<T>& r, const T* g, int64_t g_sd, T
     for (int m = 0; m < M; ++m) x[m] = a[m] * (x[m] - ag);
   // dq and the keys' shares: acc_d = sum_m dz_m k'_md with k' = k̂ (relu_cos) or k (softmax)
   const float qdq = scale * dscale;  // relu_cos: q̂·d(q̂)
-  float qacc = 0.f;                  // softmax: sum_d q_d acc_d = sum_m dz_m x_m, d(s_h)'s share
   for (int64_t d = lane; d < D; d += lanes) {
     const float qd = load(r.q[d * r.q_sd]);
     const float qk = kind == kReluCos ? qd * inv_q : qd;  // q̂_d or q_d
@@ -171,15 +176,13 @@ FASTPROTO_HD float attend_backward(const Rows<T>& r, const T* g, int64_t g_sd, T
     float dqd = scale * acc;
     if (kind == kReluCos)
       dqd = !(q_norm <= eps) ? (dqd - qk * qdq) * inv_q : dqd / eps;  // a NaN norm gives NaN, as the reference
-    else
-      qacc += qd * acc;
     store(dq[d * dq_sd], dqd);
   }
   for (int64_t e = lane; e < Dv; e += lanes) {
     const float ge = load(g[e * g_sd]);
     for (int m = 0; m < M; ++m) add(dv + m * Dv + e, a[m] * ge);
   }
-  return kind == kReluCos ? dscale : sum(qacc);
+  return dscale;
 }
 
 }  // namespace proto
