@@ -207,29 +207,33 @@ def cases(device, dtype, B, quick) -> List[Case]:
     # bank, 64 locations x 7 prototypes x 2048 channels). With gradients and M < 64, impl="auto" takes the
     # reference (the rule measured for nearest), so on CUDA the Triton path is also timed forced.
     forced = {"fastproto (impl='triton')"} if dev.type == "cuda" else set()
+    compiled = ({"fastproto (impl='cuda', compiled)"}
+                if dev.type == "cuda" and _ext.has_op(ops_prototype.ATTENTION_BACKWARD_OP, "cuda") else set())
     xs, ps = (B, 789, DIM), (B, 12, DIM)
     w_bytes = _nbytes((B, 789, 12), dtype)
     fwd = 2 * _nbytes(xs, dtype) + _nbytes(ps, dtype) + w_bytes + B * 789 * 4
     soft = {"fastproto": lambda x, p: ops.route(x, p, mode="soft", tau=0.1),
             **{k: lambda x, p: ops.route(x, p, mode="soft", tau=0.1, impl="triton") for k in forced},
+            **{k: lambda x, p: ops.route(x, p, mode="soft", tau=0.1, impl="cuda") for k in compiled},
             "reference": lambda x, p: ref_proto.route(x, p, mode="soft", tau=0.1),
             "normalised matmul + softmax": lambda x, p: matmul_route_soft(x, p, 0.1)}
     out.append(Case(
         "route (soft)", f"B={B} N=789 C={DIM} M=12 per-sample tau=0.1",
         lambda xs=xs, ps=ps: {"x": rand(*xs), "p": rand(*ps)}, soft,
         ["x", "p"], floor_fwd=fwd, floor_bwd=fwd + 3 * _nbytes(xs, dtype) + 2 * _nbytes(ps, dtype),
-        fused=("fastproto", *forced)))
+        fused=("fastproto", *forced, *compiled)))
     xs, ps = (B, 64, 2048), (64, 7, 2048)
     fwd = 2 * _nbytes(xs, dtype) + _nbytes(ps, dtype)
     linear = {"fastproto": lambda x, p: ops.route(x, p, mode="linear", per_location=True),
               **{k: lambda x, p: ops.route(x, p, mode="linear", per_location=True, impl="triton") for k in forced},
+              **{k: lambda x, p: ops.route(x, p, mode="linear", per_location=True, impl="cuda") for k in compiled},
               "reference": lambda x, p: ref_proto.route(x, p, mode="linear", per_location=True),
               "batched matmul over locations": bmm_route_linear_per_location}
     out.append(Case(
         "route (linear)", f"B={B} L=64 C=2048 M=7 per-location",
         lambda xs=xs, ps=ps: {"x": rand(*xs), "p": rand(*ps, scale=2048 ** -0.5)}, linear,
         ["x", "p"], floor_fwd=fwd, floor_bwd=fwd + 3 * _nbytes(xs, dtype) + 2 * _nbytes(ps, dtype),
-        fused=("fastproto", *forced)))
+        fused=("fastproto", *forced, *compiled)))
 
     # 4. cosine mining loss: two groups of [B, 768, 28, 28] (INP-Former / Pro-AD soft, Dinomaly hard)
     fs = (B, DIM, 28, 28)

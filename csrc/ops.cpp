@@ -28,16 +28,19 @@ TORCH_LIBRARY(fastproto, m) {
   // (ties: lowest index; NaN wins, as torch.min) into index [B,N] int64.
   m.def("route_nearest(Tensor x, Tensor prototypes, bool per_location, float eps, Tensor(a!) dist, "
         "Tensor(b!) index) -> ()");
-  // Prototype attention forward (fastproto/reference/prototype.py; inference): q [B,H,N,D], k [B,H,M,D] or
-  // shared [H,M,D], v like k with Dv, per-head scale [H] float32, kind 0 = relu_cos (eps: the norm floor),
-  // 1 = softmax; writes out [B,H,N,Dv] in q's dtype.
+  // Prototype attention forward (fastproto/reference/prototype.py): q [B,H,N,D], k [B,H,M,D] or shared
+  // [H,M,D], v like k with Dv, per-head scale [H] float32, kind 0 = relu_cos, 1 = softmax, 2 = cos_softmax
+  // (route soft), 3 = linear (route linear) (eps: the norm floor of kinds 0 and 2); writes out [B,H,N,Dv] in
+  // q's dtype and, when given, the weights attn [B,H,N,M].
   m.def("prototype_attention_forward(Tensor q, Tensor k, Tensor v, Tensor scale, int kind, float eps, "
-        "Tensor(a!) out) -> ()");
-  // Its backward for grad_out [B,H,N,Dv] (q's dtype): writes grad_q [B,H,N,D] (q's dtype) and float32
-  // per-sample sums grad_k [B,H,M,D] (of d(k / max(||k||, eps)) for relu_cos, whose normalisation backward is
-  // left to the caller; of dk for softmax), grad_v [B,H,M,Dv] and grad_scale [B,H].
-  m.def("prototype_attention_backward(Tensor q, Tensor k, Tensor v, Tensor scale, Tensor grad_out, int kind, "
-        "float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v, Tensor(d!) grad_scale) -> ()");
+        "Tensor(a!) out, Tensor(b!)? attn) -> ()");
+  // Its backward for grad_out [B,H,N,Dv] and, when the weights were an output, grad_attn [B,H,N,M] (q's
+  // dtype): writes grad_q [B,H,N,D] (q's dtype) and float32 per-sample sums grad_k [B,H,M,D] (of
+  // d(k / max(||k||, eps)) for kinds 0 and 2, whose normalisation backward is left to the caller; of dk
+  // otherwise), grad_v [B,H,M,Dv] and grad_scale [B,H].
+  m.def("prototype_attention_backward(Tensor q, Tensor k, Tensor v, Tensor scale, Tensor grad_out, "
+        "Tensor? grad_attn, int kind, float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v, "
+        "Tensor(d!) grad_scale) -> ()");
   // Linear attention forward (fastproto/reference/linear_attention.py): q [B,H,Nq,D], k [B,H,Nk,D],
   // v [B,H,Nk,Dv], phi 0 = elu+1, 1 = relu; writes out [B,H,Nq,Dv] (q's dtype), the float32 kv state
   // [B,H,D,Dv] and key sum [B,H,D].

@@ -14,11 +14,13 @@ namespace fastproto {
 namespace {
 
 // The strided operands of query (b, h, n): q's row, the head's prototypes, `out`'s row (the forward's output;
-// the backward passes grad_out, which the routine only reads) and the head's inverse key norms.
+// the backward passes grad_out, which the routine only reads), the head's inverse key norms and the weights'
+// row (the forward's weights output or the backward's grad_attn, when given).
 template <typename T>
 struct QueryRows {
   const at::Tensor &q, &k, &v, &out;
-  const float* inv_k;  // [H,M] (shared bank) or [B,H,M], relu_cos only
+  const c10::optional<at::Tensor>& attn;
+  const float* inv_k;  // [H,M] (shared bank) or [B,H,M], normalised kinds only
   proto::Rows<T> operator()(int64_t b, int64_t h, int64_t n) const {
     const bool shared = k.dim() == 3;
     const int64_t H = q.size(1), M = k.size(-2);
@@ -26,22 +28,27 @@ struct QueryRows {
             k.data_ptr<T>() + (shared ? 0 : b * k.stride(0)) + h * k.stride(-3), k.stride(-2), k.stride(-1),
             v.data_ptr<T>() + (shared ? 0 : b * v.stride(0)) + h * v.stride(-3), v.stride(-2), v.stride(-1),
             out.data_ptr<T>() + b * out.stride(0) + h * out.stride(1) + n * out.stride(2), out.stride(3),
-            inv_k ? inv_k + ((shared ? 0 : b * H) + h) * M : nullptr};
+            inv_k ? inv_k + ((shared ? 0 : b * H) + h) * M : nullptr,
+            attn ? attn->data_ptr<T>() + b * attn->stride(0) + h * attn->stride(1) + n * attn->stride(2) : nullptr,
+            attn ? attn->stride(3) : 0};
   }
 };
 
-// relu_cos: the keys' inverse norms once ([H,M] or [B,H,M]), not per query
+// normalised kinds: the keys' inverse norms once ([H,M] or [B,H,M]), not per query
 at::Tensor key_inverse_norms(const at::Tensor& k, int64_t kind, double eps) {
-  return kind == proto::kReluCos ? inverse_norms(k, eps) : at::Tensor();
+  return proto::normalised(int(kind)) ? inverse_norms(k, eps) : at::Tensor();
 }
 
 void prototype_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& scale, int64_t kind, double eps, at::Tensor out) {
-  check_prototype_attention("prototype_attention_forward: ", q, k, v, scale, kind, eps, "out", out, at::kCPU);
+                                     const at::Tensor& scale, int64_t kind, double eps, at::Tensor out,
+                                     const c10::optional<at::Tensor>& attn) {
+  const char* op = "prototype_attention_forward: ";
+  check_prototype_attention(op, q, k, v, scale, kind, eps, "out", out, at::kCPU);
+  check_attention_weights(op, q, k, attn, "attn");
   const at::Tensor inv_k = key_inverse_norms(k, kind, eps);
   with_cpu_element_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const QueryRows<T> rows{q, k, v, out, inv_k.defined() ? inv_k.data_ptr<float>() : nullptr};
+    const QueryRows<T> rows{q, k, v, out, attn, inv_k.defined() ? inv_k.data_ptr<float>() : nullptr};
     const int64_t H = q.size(1), N = q.size(2);
     const float* sp = scale.data_ptr<float>();
     proto::with_max_m(int(k.size(-2)), [&](auto max_m) {
@@ -61,16 +68,17 @@ struct AddInPlace {
 };
 
 void prototype_attention_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& scale, const at::Tensor& grad_out, int64_t kind, double eps,
+                                      const at::Tensor& scale, const at::Tensor& grad_out,
+                                      const c10::optional<at::Tensor>& grad_attn, int64_t kind, double eps,
                                       at::Tensor grad_q, at::Tensor grad_k, at::Tensor grad_v, at::Tensor grad_scale) {
-  check_prototype_attention_backward(q, k, v, scale, grad_out, kind, eps, grad_q, grad_k, grad_v, grad_scale,
-                                     at::kCPU);
+  check_prototype_attention_backward(q, k, v, scale, grad_out, grad_attn, kind, eps, grad_q, grad_k, grad_v,
+                                     grad_scale, at::kCPU);
   grad_k.zero_();
   grad_v.zero_();
   const at::Tensor inv_k = key_inverse_norms(k, kind, eps);
   with_cpu_element_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const QueryRows<T> rows{q, k, v, grad_out, inv_k.defined() ? inv_k.data_ptr<float>() : nullptr};
+    const QueryRows<T> rows{q, k, v, grad_out, grad_attn, inv_k.defined() ? inv_k.data_ptr<float>() : nullptr};
     const int64_t H = q.size(1), N = q.size(2), M = k.size(-2), D = q.size(3), Dv = v.size(-1);
     const float* sp = scale.data_ptr<float>();
     T* dq = grad_q.data_ptr<T>();

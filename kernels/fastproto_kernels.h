@@ -87,10 +87,11 @@ struct ProtoAttnArgs {
   const void* k;
   const void* v;
   const float* scale;
-  const float* inv_k;  // relu_cos: the keys' 1 / max(||k_m||, eps), contiguous [H,M] (shared) or [B,H,M]
+  const float* inv_k;  // kinds 0, 2: the keys' 1 / max(||k_m||, eps), contiguous [H,M] (shared) or [B,H,M]
   int64_t inv_k_sb;    // its batch stride: 0 (shared) or H*M
   void* out;
-  int64_t q_strides[4], k_strides[4], v_strides[4], o_strides[4];
+  void* attn;          // the weights [B,H,N,M] (forward: written; backward: their gradient), or null
+  int64_t q_strides[4], k_strides[4], v_strides[4], o_strides[4], a_strides[4];
   int64_t B, H, N, D, Dv;
   int M, kind;
   float eps;

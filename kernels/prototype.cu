@@ -13,7 +13,8 @@ namespace fastproto {
 namespace cuda {
 namespace {
 
-// The strided operands of query (b, h, n); `out` is the forward's output or the backward's grad_out.
+// The strided operands of query (b, h, n); `out` is the forward's output or the backward's grad_out, `attn`
+// the forward's weights output or the backward's grad_attn.
 template <typename T>
 __device__ __forceinline__ proto::Rows<T> query_rows(const ProtoAttnArgs& a, int64_t b, int64_t h, int64_t n) {
   return {static_cast<const T*>(a.q) + b * a.q_strides[0] + h * a.q_strides[1] + n * a.q_strides[2],
@@ -21,7 +22,9 @@ __device__ __forceinline__ proto::Rows<T> query_rows(const ProtoAttnArgs& a, int
           static_cast<const T*>(a.k) + b * a.k_strides[0] + h * a.k_strides[1], a.k_strides[2], a.k_strides[3],
           static_cast<const T*>(a.v) + b * a.v_strides[0] + h * a.v_strides[1], a.v_strides[2], a.v_strides[3],
           static_cast<T*>(a.out) + b * a.o_strides[0] + h * a.o_strides[1] + n * a.o_strides[2], a.o_strides[3],
-          a.inv_k ? a.inv_k + b * a.inv_k_sb + h * a.M : nullptr};
+          a.inv_k ? a.inv_k + b * a.inv_k_sb + h * a.M : nullptr,
+          a.attn ? static_cast<T*>(a.attn) + b * a.a_strides[0] + h * a.a_strides[1] + n * a.a_strides[2] : nullptr,
+          a.a_strides[3]};
 }
 
 template <typename T, int MaxM>

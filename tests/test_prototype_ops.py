@@ -674,7 +674,9 @@ needs_compiled_attention = pytest.mark.skipif(not _ext.has_op(ops_proto.ATTENTIO
 def _compiled_attn(q, k, v, kind, scale):
     H, D = q.shape[1], q.shape[-1]
     s = _ref.head_scale(scale, H, 1.0 if kind == "relu_cos" else D ** -0.5, q.device, torch.float32)
-    return ops_proto._compiled_attention(q, k, v, s.reshape(H).contiguous(), kind)
+    out, attn = ops_proto._compiled_attention(q, k, v, s.reshape(H).contiguous(), kind, _ref.ATTN_NORM_EPS, False)
+    assert attn is None
+    return out
 
 
 @needs_compiled_attention
@@ -707,7 +709,7 @@ def _compiled_attn_train(q, k, v, kind, scale):
         s = _ref.head_scale(scale_t.detach() if scale_t is not None else scale, H,
                             1.0 if kind == "relu_cos" else D ** -0.5, q.device, torch.float32)
     return ops_proto._ProtoAttnFn.apply(ops_proto._ATTENTION["cuda"], q, k, v, scale_t, kind,
-                                        s.reshape(H).contiguous())
+                                        s.reshape(H).contiguous(), _ref.ATTN_NORM_EPS, False)[0]
 
 
 needs_compiled_attention_backward = pytest.mark.skipif(
@@ -804,27 +806,76 @@ def test_compiled_attention_nan_and_zero_vectors(seed, poisoned):
     assert torch.equal(zero, torch.zeros(1, 1, 2, 4))
 
 
+@needs_compiled_attention_backward
+@pytest.mark.parametrize("mode", ["soft", "linear"])
+@pytest.mark.parametrize("bank", ["shared", "batch", "location"])
+@pytest.mark.parametrize("M", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_route_soft_linear_match_float64(mode, bank, M, dtype, seed, poisoned):
+    """route(mode="soft" | "linear", impl="cuda") as the compiled attention of the tokens to the bank (as
+    route runs it, here on the CPU kernels): values vs the float64 re-statement, and the gradients of x and the
+    bank (through both of soft's outputs) vs the float64 reference's autograd; strided inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    B, N, C = 3, 11, 40
+    x = _t(gen, (B, N, C), dtype, strided=True).requires_grad_()
+    shape = {"shared": (M, C), "batch": (B, M, C), "location": (N, M, C)}[bank]
+    p = _t(gen, shape, dtype, strided=M > 1).requires_grad_()
+    loc = bank == "location"
+    got = ops_proto._compiled_route(x, p, mode, 0.2, loc)
+    got = got if mode == "soft" else (got,)
+    want_np = np_route(x.detach().double(), p.detach().double(), mode, tau=0.2, per_location=loc)
+    want_np = want_np if mode == "soft" else (want_np,)
+    for a, b in zip(got, want_np):
+        assert a.dtype == dtype and torch.isfinite(a).all(), f"seed={seed}"
+        assert _rel(a, b) <= TOL[dtype], f"{mode} {bank} M={M}: rel err {_rel(a, b):.2e} (seed={seed})"
+    gs = [torch.randn(a.shape, generator=gen).to(dtype) for a in got]
+    grads = torch.autograd.grad(got, (x, p), gs)
+    leaves = [t.detach().double().requires_grad_() for t in (x, p)]
+    want = _ref.route(*leaves, mode=mode, tau=0.2, per_location=loc)
+    want = want if mode == "soft" else (want,)
+    for name, a, b in zip("xp", grads, torch.autograd.grad(want, leaves, [g.double() for g in gs])):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert _rel(a, b) <= TOL[dtype], f"d{name} {mode} {bank} M={M}: rel err {_rel(a, b):.2e} (seed={seed})"
+
+
+@needs_compiled_attention_backward
+def test_compiled_route_soft_weights_only_and_nan(seed, poisoned):
+    """Soft routing's weights alone carry the gradient (grad_out absent); a NaN token spoils only its own row."""
+    gen = torch.Generator().manual_seed(seed)
+    x, p = _t(gen, (2, 5, 8)).requires_grad_(), _t(gen, (4, 8)).requires_grad_()
+    g = torch.randn(2, 5, 4, generator=gen)
+    got = torch.autograd.grad(ops_proto._compiled_route(x, p, "soft", 0.5, False)[1], (x, p), g)
+    leaves = [t.detach().double().requires_grad_() for t in (x, p)]
+    want = torch.autograd.grad(_ref.route(*leaves, mode="soft", tau=0.5)[1], leaves, g.double())
+    for a, b in zip(got, want):
+        assert _rel(a, b) <= 1e-5, f"seed={seed}"
+    xn = x.detach().clone()
+    xn[1, 2, 3] = float("nan")
+    for mode in ("soft", "linear"):
+        out = ops_proto._compiled_route(xn, p.detach(), mode, 0.5, False)
+        out = out[0] if mode == "soft" else out
+        assert torch.isnan(out[1, 2]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 3:]).all(), mode
+
+
 @needs_compiled_attention
 def test_compiled_attention_argument_errors():
-    op = _ext.op(ops_proto.ATTENTION_OP)
     q, k, v, s = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 6), torch.ones(3)
     out = torch.empty(2, 3, 5, 6)
-    cases = [
-        ((q[0], k, v, s, 0, 1e-12, out), "q must be"),
-        ((q.double(), k.double(), v.double(), s, 0, 1e-12, out.double()), "float32, float16 or bfloat16"),
-        ((q, k.half(), v, s, 0, 1e-12, out), "q's dtype"),
-        ((q, k, v[0], s, 0, 1e-12, out), "both"),
-        ((q, torch.randn(2, 3, 4, 7), v, s, 0, 1e-12, out), "k must be"),
-        ((q, torch.randn(2, 3, 65, 8), torch.randn(2, 3, 65, 6), s, 0, 1e-12, out), "M <= 64"),
-        ((q, k, torch.randn(2, 3, 5, 6), s, 0, 1e-12, out), "v must match k"),
-        ((q, k, v, s, 2, 1e-12, out), "kind must be"),
-        ((q, k, v, s, 0, 0.0, out), "eps must be"),
-        ((q, k, v, torch.ones(2), 0, 1e-12, out), "scale must be"),
-        ((q, k, v, s, 0, 1e-12, torch.empty(2, 3, 5, 8)), "out must be"),
-    ]
-    for args, msg in cases:
-        with pytest.raises(RuntimeError, match=msg):
-            op(*args)
+    expect_errors(_ext.op(ops_proto.ATTENTION_OP), (q, k, v, s, 0, 1e-12, out, None), [
+        (0, q[0], "q must be"),
+        (0, q.double(), "float32, float16 or bfloat16"),
+        (1, k.half(), "q's dtype"),
+        (2, v[0], "both"),
+        (1, torch.randn(2, 3, 4, 7), "k must be"),
+        (1, torch.randn(2, 3, 65, 8), "M <= 64"),
+        (2, torch.randn(2, 3, 5, 6), "v must match k"),
+        (4, 4, "kind must be"),
+        (5, 0.0, "eps must be"),
+        (3, torch.ones(2), "scale must be"),
+        (6, torch.empty(2, 3, 5, 8), "out must be"),
+        (7, torch.empty(2, 3, 5, 5), "attn must be"),
+        (7, torch.empty(2, 3, 5, 4).double(), "attn must be"),
+    ])
 
 
 @needs_compiled_attention_backward
@@ -832,16 +883,18 @@ def test_compiled_attention_backward_argument_errors():
     q, k, v, s = torch.randn(2, 3, 5, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 6), torch.ones(3)
     g = torch.randn(2, 3, 5, 6)
     dq, dk, dv, ds = torch.empty(2, 3, 5, 8), torch.empty(2, 3, 4, 8), torch.empty(2, 3, 4, 6), torch.empty(2, 3)
-    expect_errors(_ext.op(ops_proto.ATTENTION_BACKWARD_OP), (q, k, v, s, g, 0, 1e-12, dq, dk, dv, ds), [
+    expect_errors(_ext.op(ops_proto.ATTENTION_BACKWARD_OP), (q, k, v, s, g, None, 0, 1e-12, dq, dk, dv, ds), [
         (4, torch.randn(2, 3, 5, 7), "grad_out must be"),
         (4, g.half(), "grad_out must be"),
-        (7, torch.empty(2, 3, 5, 7), "grad_q must be"),
-        (7, dq.half(), "grad_q must be"),
-        (8, torch.empty(3, 4, 8), r"grad_k must be contiguous float32 \[2, 3, 4, 8\]"),
-        (8, torch.empty(2, 3, 8, 4).transpose(-1, -2), "grad_k must be contiguous"),
-        (9, torch.empty(2, 3, 4, 6).double(), "grad_v must be"),
-        (10, torch.empty(3), "grad_scale must be"),
-        (5, 3, "kind must be"),
+        (5, torch.randn(2, 3, 5, 5), "grad_attn must be"),
+        (5, torch.randn(2, 3, 5, 4).half(), "grad_attn must be"),
+        (8, torch.empty(2, 3, 5, 7), "grad_q must be"),
+        (8, dq.half(), "grad_q must be"),
+        (9, torch.empty(3, 4, 8), r"grad_k must be contiguous float32 \[2, 3, 4, 8\]"),
+        (9, torch.empty(2, 3, 8, 4).transpose(-1, -2), "grad_k must be contiguous"),
+        (10, torch.empty(2, 3, 4, 6).double(), "grad_v must be"),
+        (11, torch.empty(3), "grad_scale must be"),
+        (6, 4, "kind must be"),
         (1, torch.randn(3, 65, 8), "M <= 64"),
     ])
 
@@ -853,10 +906,12 @@ def test_attention_cuda_impl_errors():
 
 
 def test_route_cuda_impl_errors():
-    with pytest.raises(RuntimeError, match="impl='cuda' needs CUDA tensors"):
-        route(torch.randn(2, 4, 8), torch.randn(3, 8), impl="cuda")
-    with pytest.raises(ValueError, match="impl must be one of"):  # only nearest has a compiled kernel
-        route(torch.randn(2, 4, 8), torch.randn(3, 8), mode="soft", impl="cuda")
+    for mode in ops_proto.ROUTE_MODES:
+        with pytest.raises(RuntimeError, match="impl='cuda' needs CUDA tensors"):
+            route(torch.randn(2, 4, 8), torch.randn(3, 8), mode=mode, impl="cuda")
+    if torch.cuda.is_available() and _ext.has_op(ops_proto.ATTENTION_OP, "cuda"):
+        with pytest.raises(RuntimeError, match="M=65 prototypes > 64"):
+            route(torch.randn(2, 4, 8).cuda(), torch.randn(65, 8).cuda(), mode="soft", impl="cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -970,15 +1025,21 @@ GPU_ROUTE_CASES = {  # name: (mode, x shape, bank shape, per_location)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(GPU_ROUTE_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_route_modes_real_shapes(name, dtype, seed):
-    """UIP-AD's soft and BoRAD's linear routing at their shapes, and Pro-AD-sized banks: Triton forward
-    and backward vs the reference."""
-    _gpu_ready()
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_route_modes_real_shapes(name, dtype, impl, seed):
+    """UIP-AD's soft and BoRAD's linear routing at their shapes, and Pro-AD-sized banks: Triton (every case) and
+    the compiled kernels (M <= 64) forward and backward vs the reference."""
     mode, xs, ps, loc = GPU_ROUTE_CASES[name]
+    if impl == "triton":
+        _gpu_ready()
+    elif not _ext.has_op(ops_proto.ATTENTION_OP, "cuda"):
+        pytest.skip("the compiled extension has no CUDA kernel")
+    elif ps[-2] > 64:
+        pytest.skip("the compiled soft / linear routing holds M <= 64 prototypes")
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(*xs, device="cuda", generator=gen).to(dtype).requires_grad_()
     p = torch.randn(*ps, device="cuda", generator=gen).to(dtype).requires_grad_()
-    got = route(x, p, mode=mode, tau=0.1, per_location=loc, impl="triton")
+    got = route(x, p, mode=mode, tau=0.1, per_location=loc, impl=impl)
     want = route(x, p, mode=mode, tau=0.1, per_location=loc, impl="reference")
     got = got[:1] if mode == "nearest" else (got if isinstance(got, tuple) else (got,))
     want = want[:1] if mode == "nearest" else (want if isinstance(want, tuple) else (want,))

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # every case the harness must report (so a harness that silently runs less cannot pass)
 EXPECTED = (
-    [f"proto_forward kind={k} M={m}" for k in (0, 1) for m in (1, 6, 13, 33, 64)]
-    + [f"proto_backward kind={k} M={m}" for k in (0, 1) for m in (1, 13, 64)]
+    [f"proto_forward kind={k} M={m}" for k in (0, 1, 2, 3) for m in (1, 6, 13, 33, 64)]
+    + [f"proto_backward kind={k} M={m}" for k in (0, 1, 2, 3) for m in (1, 13, 64)]
     + [f"linear_attention phi={p}" for p in (0, 1)]
     + [f"route_nearest M={m}" for m in (1, 7, 40)]
     + [f"sinkhorn K={k} far=0" for k in (2, 8, 64)] + ["sinkhorn K=8 far=6"]

@@ -154,30 +154,47 @@ struct ProtoCase {
       inv_k[m] = float(1.0 / std::max(std::sqrt(s), 1e-12));
     }
   }
-  proto::Rows<float> rows(int64_t n, float* out) const {
+  // attn: the weights [Q, M] (forward output or backward input), or null
+  proto::Rows<float> rows(int64_t n, float* out, float* attn = nullptr) const {
     return {q.data() + n * D * 2, 2, k.data(), D, 1, v.data(), Dv, 1, out + n * Dv, 1,
-            kind == proto::kReluCos ? inv_k.data() : nullptr};
+            proto::normalised(kind) ? inv_k.data() : nullptr, attn ? attn + n * M : nullptr, 1};
   }
 };
 
 // relu_cos: INP-Former's learnt scale is O(1); softmax: the default D^-1/2 (logits of O(1), as in the models)
-float proto_scale(const ProtoCase& c) { return c.kind == proto::kReluCos ? 1.3f : 1.f / std::sqrt(float(c.D)); }
+// (cos_softmax: route's 1 / tau; linear: 1)
+float proto_scale(const ProtoCase& c) {
+  switch (c.kind) {
+    case proto::kReluCos:
+      return 1.3f;
+    case proto::kCosSoftmax:
+      return 5.f;
+    case proto::kLinear:
+      return 1.f;
+    default:
+      return 1.f / std::sqrt(float(c.D));
+  }
+}
 
 void proto_forward(int M, int kind) {
   ProtoCase c(M, kind);
   std::vector<float> one = nans(c.Q * c.Dv), many = nans(c.Q * c.Dv);
+  // cos_softmax (route's soft mode) also writes the weights
+  const bool weights = kind == proto::kCosSoftmax;
+  std::vector<float> w_one = nans(c.Q * M), w_many = nans(c.Q * M);
   proto::with_max_m(M, [&](auto max_m) {
     for (int64_t n = 0; n < c.Q; ++n)
-      proto::attend<max_m()>(c.rows(n, one.data()), M, c.D, c.Dv, kind, proto_scale(c), 1e-12f, 0, 1, CastToFloat{},
+      proto::attend<max_m()>(c.rows(n, one.data(), weights ? w_one.data() : nullptr), M, c.D, c.Dv, kind, proto_scale(c), 1e-12f, 0, 1, CastToFloat{},
                              CastFromFloat{}, OneThreadSum{});
     Warp warp;
     warp.run([&](int lane) {
       for (int64_t n = 0; n < c.Q; ++n)
-        proto::attend<max_m()>(c.rows(n, many.data()), M, c.D, c.Dv, kind, proto_scale(c), 1e-12f, lane, kLanes,
+        proto::attend<max_m()>(c.rows(n, many.data(), weights ? w_many.data() : nullptr), M, c.D, c.Dv, kind, proto_scale(c), 1e-12f, lane, kLanes,
                                CastToFloat{}, CastFromFloat{}, LaneSum{&warp, lane});
     });
   });
-  report("proto_forward kind=" + std::to_string(kind) + " M=" + std::to_string(M), {error(many, one)});
+  report("proto_forward kind=" + std::to_string(kind) + " M=" + std::to_string(M),
+         {error(many, one), weights ? error(w_many, w_one) : 0.0});
 }
 
 void proto_backward(int M, int kind) {
@@ -189,8 +206,11 @@ void proto_backward(int M, int kind) {
   auto fresh = [&] { return Out{nans(c.Q * c.D), std::vector<float>(M * c.D), std::vector<float>(M * c.Dv), {0.f}}; };
   Out one = fresh(), many = fresh();
   std::vector<float> unused(c.Q * c.Dv);
+  // cos_softmax (route's soft mode): the weights' gradient comes in too
+  std::vector<float> dattn = randn(c.Q * M);
+  float* const dw = kind == proto::kCosSoftmax ? dattn.data() : nullptr;
   for (int64_t n = 0; n < c.Q; ++n) {
-    const auto r = c.rows(n, unused.data());
+    const auto r = c.rows(n, unused.data(), dw);
     one.ds[0] += proto::attend_backward(r, c.g.data() + n * c.Dv, 1, one.dq.data() + n * c.D, 1, M, c.D, c.Dv, kind,
                                         proto_scale(c), 1e-12f, 0, 1, CastToFloat{}, CastFromFloat{}, OneThreadSum{},
                                         SerialAdd{}, one.dk.data(), one.dv.data());
@@ -200,7 +220,7 @@ void proto_backward(int M, int kind) {
   Warp warp;
   warp.run([&](int lane) {
     for (int64_t n = 0; n < c.Q; ++n) {
-      const auto r = c.rows(n, unused.data());
+      const auto r = c.rows(n, unused.data(), dw);
       ds_lanes[lane] += proto::attend_backward(r, c.g.data() + n * c.Dv, 1, many.dq.data() + n * c.D, 1, M, c.D,
                                                c.Dv, kind, proto_scale(c), 1e-12f, lane, kLanes, CastToFloat{}, CastFromFloat{},
                                                LaneSum{&warp, lane}, LockedAdd{&mu}, many.dk.data(), many.dv.data());
@@ -365,7 +385,7 @@ void sinkhorn_problem(int K, float far) {
 
 int main(int argc, char** argv) {
   rng.seed(argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 0u);
-  for (int kind : {proto::kReluCos, proto::kSoftmax}) {
+  for (int kind : {proto::kReluCos, proto::kSoftmax, proto::kCosSoftmax, proto::kLinear}) {
     for (int M : {1, 6, 13, 33, 64}) proto_forward(M, kind);
     for (int M : {1, 13, 64}) proto_backward(M, kind);
   }

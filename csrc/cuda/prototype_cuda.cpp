@@ -13,23 +13,27 @@
 namespace fastproto {
 namespace {
 
-// The kernels' arguments for checked inputs; `out` is the forward's output or the backward's grad_out and
-// `inv_k` holds relu_cos's inverse key norms (computed once per bank, not per query) while they run.
+// The kernels' arguments for checked inputs; `out` is the forward's output or the backward's grad_out, `attn`
+// the forward's weights or the backward's grad_attn, and `inv_k` holds the normalised kinds' inverse key norms
+// (computed once per bank, not per query) while they run.
 cuda::ProtoAttnArgs proto_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& scale,
-                               int64_t kind, double eps, const at::Tensor& out, at::Tensor& inv_k) {
+                               int64_t kind, double eps, const at::Tensor& out, const c10::optional<at::Tensor>& attn,
+                               at::Tensor& inv_k) {
   const bool shared = k.dim() == 3;
   cuda::ProtoAttnArgs a{};
   a.q = q.data_ptr();
   a.k = k.data_ptr();
   a.v = v.data_ptr();
   a.scale = scale.data_ptr<float>();
-  inv_k = kind == 0 ? inverse_norms(k, eps) : at::Tensor();
+  inv_k = kind == 0 || kind == 2 ? inverse_norms(k, eps) : at::Tensor();
   a.inv_k = inv_k.defined() ? inv_k.data_ptr<float>() : nullptr;
   a.inv_k_sb = shared ? 0 : q.size(1) * k.size(-2);
   a.out = out.data_ptr();
+  a.attn = attn ? attn->data_ptr() : nullptr;
   for (int i = 0; i < 4; ++i) {
     a.q_strides[i] = q.stride(i);
     a.o_strides[i] = out.stride(i);
+    a.a_strides[i] = attn ? attn->stride(i) : 0;
     // shared [H,M,*] banks: batch stride 0, the other three strides as they are
     a.k_strides[i] = shared ? (i == 0 ? 0 : k.stride(i - 1)) : k.stride(i);
     a.v_strides[i] = shared ? (i == 0 ? 0 : v.stride(i - 1)) : v.stride(i);
@@ -46,31 +50,34 @@ cuda::ProtoAttnArgs proto_args(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 void prototype_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& scale, int64_t kind, double eps, at::Tensor out) {
+                                      const at::Tensor& scale, int64_t kind, double eps, at::Tensor out,
+                                      const c10::optional<at::Tensor>& attn) {
   check_prototype_attention("prototype_attention_forward: ", q, k, v, scale, kind, eps, "out", out, at::kCUDA);
+  check_attention_weights("prototype_attention_forward: ", q, k, attn, "attn");
   TORCH_CHECK((q.size(0) * q.size(1) * q.size(2) + 7) / 8 < (int64_t(1) << 31),
               "prototype_attention_forward: too many queries for one launch");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor inv_k;
-  const cuda::ProtoAttnArgs a = proto_args(q, k, v, scale, kind, eps, out, inv_k);
+  const cuda::ProtoAttnArgs a = proto_args(q, k, v, scale, kind, eps, out, attn, inv_k);
   const cudaError_t err = cuda::launch_prototype_attention(element_type(q), a, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "prototype_attention_forward: CUDA kernel launch failed: ",
               cudaGetErrorString(err));
 }
 
 void prototype_attention_backward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& scale, const at::Tensor& grad_out, int64_t kind, double eps,
+                                       const at::Tensor& scale, const at::Tensor& grad_out,
+                                       const c10::optional<at::Tensor>& grad_attn, int64_t kind, double eps,
                                        at::Tensor grad_q, at::Tensor grad_k, at::Tensor grad_v,
                                        at::Tensor grad_scale) {
-  check_prototype_attention_backward(q, k, v, scale, grad_out, kind, eps, grad_q, grad_k, grad_v, grad_scale,
-                                     at::kCUDA);
+  check_prototype_attention_backward(q, k, v, scale, grad_out, grad_attn, kind, eps, grad_q, grad_k, grad_v,
+                                     grad_scale, at::kCUDA);
   const char* op = "prototype_attention_backward: ";
   TORCH_CHECK(q.size(0) * q.size(1) < (int64_t(1) << 31) && q.size(2) / cuda::kProtoBwdQueries < 65536, op,
               "too many samples x heads or queries for one launch, got q ", q.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor inv_k;
   cuda::ProtoAttnBwdArgs a{};
-  a.fwd = proto_args(q, k, v, scale, kind, eps, grad_out, inv_k);
+  a.fwd = proto_args(q, k, v, scale, kind, eps, grad_out, grad_attn, inv_k);
   const size_t smem = cuda::proto_backward_shared_bytes(a.fwd);
   int smem_optin = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()) ==

@@ -18,7 +18,7 @@ IMPLS = ("auto", "triton", "cuda", "reference")
 _WARNED: set = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -78,7 +78,7 @@ def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: 
             if candidate == "cuda" and _compiled_missing(compiled_op):
                 continue
             if reason:
-                _warn_once(f"{op}:{reason}", f"{op}: {reason}; using the reference implementation")
+                warn_once(f"{op}:{reason}", f"{op}: {reason}; using the reference implementation")
                 return "reference"
             return candidate
         return "reference"

@@ -16,7 +16,8 @@ per-token math, ``kernels/route_nearest.h``, is shared with the extension's CPU 
 run); not yet measured on a GPU, so ``"auto"`` prefers Triton. Likewise ``prototype_attention(...,
 impl="cuda")``, forward and backward: ``kernels/prototype.cu`` (one warp per query; the backward sums
 each block's prototype gradients in shared memory), per-query routines ``kernels/prototype_attention.h``
-shared with the CPU kernels.
+shared with the CPU kernels. ``route(mode="soft" | "linear", impl="cuda")`` runs on those same kernels as the
+attention of the tokens to the bank (k = v = the prototypes, one head; M <= 64).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastproto import _ext
-from fastproto.ops._dispatch import device_guard, resolve_impl
+from fastproto.ops._dispatch import device_guard, resolve_impl, warn_once
 from fastproto.triton import empty_output
 
 _ref = importlib.import_module("fastproto.reference.prototype")
@@ -70,38 +71,43 @@ def _compiled_nearest(x, p, per_location):
 
 _NEAREST = {"triton": _triton_nearest, "cuda": _compiled_nearest}
 
-ATTENTION_OP = "prototype_attention_forward"  # behind prototype_attention(impl="cuda")
+ATTENTION_OP = "prototype_attention_forward"  # behind prototype_attention(impl="cuda") and route's soft / linear
 ATTENTION_BACKWARD_OP = "prototype_attention_backward"
+# the kernels' `kind`: prototype_attention's kinds, and route's soft and linear modes as attention of the tokens
+# to the bank (k = v = the prototypes, one head)
+_KIND_CODE = {"relu_cos": 0, "softmax": 1, "cos_softmax": 2, "linear": 3}
+_NORMALISED = ("relu_cos", "cos_softmax")
 
 
-def _compiled_attention(q, k, v, scale, kind):
+def _compiled_attention(q, k, v, scale, kind, eps, want_attn):
     """``torch.ops.fastproto.prototype_attention_forward`` (CUDA kernel on CUDA tensors, the same routine
-    on the CPU): [B, H, N, Dv] in q's dtype; ``scale`` float32 [H]."""
+    on the CPU): ``(out [B, H, N, Dv], weights [B, H, N, M] or None)`` in q's dtype; ``scale`` float32 [H]."""
     B, H, N, _ = q.shape
     out = empty_output((B, H, N, v.shape[-1]), q.dtype, q.device)
-    _ext.op(ATTENTION_OP)(q, k, v, scale, _KIND_CODE[kind], _ref.ATTN_NORM_EPS, out)
-    return out
+    attn = empty_output((B, H, N, k.shape[-2]), q.dtype, q.device) if want_attn else None
+    _ext.op(ATTENTION_OP)(q, k, v, scale, _KIND_CODE[kind], eps, out, attn)
+    return out, attn
 
 
-def _compiled_attention_backward(q, k, v, scale, grad_out, kind):
+def _compiled_attention_backward(q, k, v, scale, grad_out, grad_attn, kind, eps):
     """``torch.ops.fastproto.prototype_attention_backward``: ``(dq, dk_acc, dv, dscale)`` as the Triton
-    ``prototype_attention_backward`` returns them (float32 per-sample sums; d(k̂) for relu_cos)."""
+    ``prototype_attention_backward`` returns them (float32 per-sample sums; d(k̂) for the normalised kinds)."""
     B, H, N, D = q.shape
     M, DV = k.shape[-2], v.shape[-1]
     dq = empty_output((B, H, N, D), q.dtype, q.device)
     dk, dv, ds = (empty_output(shape, torch.float32, q.device) for shape in ((B, H, M, D), (B, H, M, DV), (B, H)))
-    _ext.op(ATTENTION_BACKWARD_OP)(q, k, v, scale, grad_out, _KIND_CODE[kind], _ref.ATTN_NORM_EPS, dq, dk, dv, ds)
+    _ext.op(ATTENTION_BACKWARD_OP)(q, k, v, scale, grad_out, grad_attn, _KIND_CODE[kind], eps, dq, dk, dv, ds)
     return dq, dk, dv, ds
 
 
-_KIND_CODE = {"relu_cos": 0, "softmax": 1}  # the kernels' `kind` (KIND_RELU_COS / kReluCos, ...)
+def _triton_attention(q, k, v, scale, kind, eps, want_attn):
+    # the Triton kernels: relu_cos / softmax with the reference's norm floor, no weights output
+    assert eps == _ref.ATTN_NORM_EPS and not want_attn
+    return _triton_module().prototype_attention(q, k, v, scale, kind), None
 
 
-def _triton_attention(q, k, v, scale, kind):
-    return _triton_module().prototype_attention(q, k, v, scale, kind)
-
-
-def _triton_attention_backward(q, k, v, scale, grad_out, kind):
+def _triton_attention_backward(q, k, v, scale, grad_out, grad_attn, kind, eps):
+    assert grad_attn is None
     return _triton_module().prototype_attention_backward(q, k, v, scale, grad_out, kind)
 
 
@@ -129,28 +135,34 @@ def _normalize_bwd(y, n, dy, eps):
 class _ProtoAttnFn(torch.autograd.Function):
     """Forward and backward by a kernel pair (Triton, or the compiled one): the backward kernel recomputes
     the attention per query and returns float32 per-sample prototype gradients, finished here on the small
-    [M, D] side."""
+    [M, D] side. Returns ``(out, weights)``, the weights [B, H, N, M] only when ``want_attn`` (route's soft
+    mode; differentiable), else None. ``eps``: the norm floor of the normalised kinds."""
 
     @staticmethod
-    def forward(ctx, kernels, q, k, v, scale_t, kind, scale_h):
+    def forward(ctx, kernels, q, k, v, scale_t, kind, scale_h, eps, want_attn):
         forward, ctx.backward_kernel = kernels
-        out = forward(q, k, v, scale_h, kind)
+        out, attn = forward(q, k, v, scale_h, kind, eps, want_attn)
         ctx.save_for_backward(q, k, v, scale_h)
-        ctx.kind = kind
+        ctx.kind, ctx.eps = kind, eps
         ctx.scale_shape = None if scale_t is None else scale_t.shape
         ctx.scale_dtype = None if scale_t is None else scale_t.dtype
-        return out
+        ctx.set_materialize_grads(False)  # an unused output costs no zeros
+        return out, attn
 
     @staticmethod
     @once_differentiable  # the backward kernels are not differentiable themselves
-    def backward(ctx, dout):
+    def backward(ctx, dout, dattn):
+        if dout is None and dattn is None:
+            return (None,) * 9
         q, k, v, s = ctx.saved_tensors
-        dq, dk, dv, ds = ctx.backward_kernel(q, k, v, s, dout, ctx.kind)
-        if ctx.kind == "relu_cos":  # dk holds d(k / max(||k||, eps)): finish on the small [M, D] side
-            kn, knorm = _normalize_fwd(k.float(), _ref.ATTN_NORM_EPS)
+        if dout is None:  # only the weights were used
+            dout = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        dq, dk, dv, ds = ctx.backward_kernel(q, k, v, s, dout, dattn, ctx.kind, ctx.eps)
+        if ctx.kind in _NORMALISED:  # dk holds d(k / max(||k||, eps)): finish on the small [M, D] side
+            kn, knorm = _normalize_fwd(k.float(), ctx.eps)
             kn_b = kn if k.dim() == 4 else kn.unsqueeze(0)
             knorm_b = knorm if k.dim() == 4 else knorm.unsqueeze(0)
-            dk = _normalize_bwd(kn_b, knorm_b, dk, _ref.ATTN_NORM_EPS)
+            dk = _normalize_bwd(kn_b, knorm_b, dk, ctx.eps)
         if k.dim() == 3:
             dk, dv = dk.sum(0), dv.sum(0)
         dscale = None
@@ -158,7 +170,27 @@ class _ProtoAttnFn(torch.autograd.Function):
             per_head = ds.sum(0)
             one = math.prod(ctx.scale_shape) == 1
             dscale = (per_head.sum() if one else per_head).reshape(ctx.scale_shape).to(ctx.scale_dtype)
-        return None, dq, dk.to(k.dtype), dv.to(v.dtype), dscale, None, None
+        return None, dq, dk.to(k.dtype), dv.to(v.dtype), dscale, None, None, None, None
+
+
+_ROUTE_KIND = {"soft": "cos_softmax", "linear": "linear"}
+
+
+def _compiled_route(x, p, mode, tau, per_location):
+    """route's soft and linear modes by the compiled attention kernels: the tokens attend to the bank with
+    one head and k = v = the prototypes (views, no copies; a per-location bank makes the locations the batch
+    and the samples the queries)."""
+    if p.dim() == 2:
+        q, k = x.unsqueeze(1), p.unsqueeze(0)
+    elif per_location:
+        q, k = x.transpose(0, 1).unsqueeze(1), p.unsqueeze(1)
+    else:
+        q, k = x.unsqueeze(1), p.unsqueeze(1)
+    s = torch.full((1,), 1.0 / tau if mode == "soft" else 1.0, dtype=torch.float32, device=x.device)
+    out, w = _ProtoAttnFn.apply(_ATTENTION["cuda"], q, k, k, None, _ROUTE_KIND[mode], s, _ref.COS_EPS,
+                                mode == "soft")
+    back = (lambda t: t[:, 0].transpose(0, 1)) if per_location else (lambda t: t[:, 0])
+    return (back(out), back(w)) if mode == "soft" else back(out)
 
 
 class _RouteNearestFn(torch.autograd.Function):
@@ -339,7 +371,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
         s_h = _ref.head_scale(scale_t.detach() if scale_t is not None else scale, H, default, q.device,
                               torch.float32).reshape(H).contiguous()
     with device_guard(q.device):
-        return _ProtoAttnFn.apply(_ATTENTION[chosen], q, k, v, scale_t, kind, s_h)
+        return _ProtoAttnFn.apply(_ATTENTION[chosen], q, k, v, scale_t, kind, s_h, _ref.ATTN_NORM_EPS, False)[0]
 
 
 _MAX_M = 64  # the Triton kernels hold the prototypes on chip; kMaxM of kernels/prototype_attention.h
@@ -409,7 +441,8 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
             a NaN distance counts as the minimum); ``"soft"`` -> ``(softmax(cos / tau) @ P [B, N, C],
             weights [B, N, M])``; ``"linear"`` -> ``(x Pᵀ) P`` [B, N, C].
         tau: softmax temperature (> 0), ``soft`` only.
-        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (``nearest`` only: the compiled kernel) or
+        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (the compiled kernels: ``nearest``'s own; ``soft`` and
+            ``linear`` as the compiled prototype attention of the tokens to the bank, M <= 64) or
             ``"reference"``. Triton covers every mode and bank layout (forward and backward;
             float16/bfloat16/float32). ``"auto"`` takes the streaming Triton path
             on CUDA for inference, and for training only when M >= 64 (where [B, N, M] must not be
@@ -451,9 +484,14 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
             return f"dtype {x.dtype} (the kernels support float16/bfloat16/float32)"
         return None
 
-    impls = ("triton", "cuda") if mode == "nearest" else ("triton",)
-    chosen = resolve_impl(op, impl, [x, prototypes], impls=impls, has_backward=True, unsupported=unsupported,
-                          compiled_op=NEAREST_OP)
+    chosen = resolve_impl(op, impl, [x, prototypes], impls=("triton", "cuda"), has_backward=True,
+                          unsupported=unsupported, compiled_op=NEAREST_OP if mode == "nearest" else ATTENTION_OP)
+    if chosen == "cuda" and mode != "nearest" and M > _MAX_M:  # the attention kernels hold M <= 64 on chip
+        reason = f"mode={mode!r} with M={M} prototypes > {_MAX_M}"
+        if impl == "cuda":
+            raise RuntimeError(f"{op}: impl='cuda' cannot run these inputs: {reason}; use impl='triton' or 'reference'")
+        warn_once(f"{op}:{reason}", f"{op}: {reason} for the compiled kernels; using the reference implementation")
+        chosen = "reference"
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or prototypes.requires_grad)
     if impl == "auto" and needs_grad and M < _ROUTE_STREAM_MIN_M:
         # measured on an H100 for nearest (bench/RESULTS.md): with few prototypes the reference's matmul
@@ -464,6 +502,8 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
     with device_guard(x.device):
         if mode == "nearest":
             return _RouteNearestFn.apply(_NEAREST[chosen], x, prototypes, per_location)
+        if chosen == "cuda":
+            return _compiled_route(x, prototypes, mode, float(tau), per_location)
         if mode == "soft":
             return _RouteSoftFn.apply(x, prototypes, float(tau), per_location)
         return _RouteLinearFn.apply(x, prototypes, per_location)
