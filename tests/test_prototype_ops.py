@@ -592,6 +592,14 @@ needs_compiled = pytest.mark.skipif(not _ext.has_op(ops_proto.NEAREST_OP, "cpu")
                                     reason="compiled extension with route_nearest not built")
 
 
+def _route_inputs(gen, B, N, C, M, bank, dtype):
+    """Strided tokens [B, N, C] and a strided bank of the layout ``bank`` ("shared", "batch" or "location"),
+    both requiring grad, and the per_location flag."""
+    x = _t(gen, (B, N, C), dtype, strided=True).requires_grad_()
+    shape = {"shared": (M, C), "batch": (B, M, C), "location": (N, M, C)}[bank]
+    return x, _t(gen, shape, dtype, strided=M > 1).requires_grad_(), bank == "location"
+
+
 def _compiled_route(x, p, loc):
     """(dist, idx) of the compiled kernel through the autograd Function, as route(impl="cuda") runs it."""
     return ops_proto._RouteNearestFn.apply(ops_proto._compiled_nearest, x, p, loc)
@@ -604,10 +612,7 @@ def _compiled_route(x, p, loc):
 def test_compiled_route_nearest_matches_float64(bank, M, dtype, seed, poisoned):
     gen = torch.Generator().manual_seed(seed)
     B, N, C = 2, 37, 40
-    x = _t(gen, (B, N, C), dtype, strided=True).requires_grad_()
-    pshape = {"shared": (M, C), "batch": (B, M, C), "location": (N, M, C)}[bank]
-    p = _t(gen, pshape, dtype, strided=M > 1).requires_grad_()
-    loc = bank == "location"
+    x, p, loc = _route_inputs(gen, B, N, C, M, bank, dtype)
     d, idx = _compiled_route(x, p, loc)
     dr, idx_r = route(x, p, per_location=loc if p.dim() == 3 else None, impl="reference")
     wd, _ = np_route(x.detach().double().numpy(), p.detach().double().numpy(), "nearest", per_location=loc)
@@ -816,11 +821,7 @@ def test_compiled_route_soft_linear_match_float64(mode, bank, M, dtype, seed, po
     route runs it, here on the CPU kernels): values vs the float64 re-statement, and the gradients of x and the
     bank (through both of soft's outputs) vs the float64 reference's autograd; strided inputs."""
     gen = torch.Generator().manual_seed(seed)
-    B, N, C = 3, 11, 40
-    x = _t(gen, (B, N, C), dtype, strided=True).requires_grad_()
-    shape = {"shared": (M, C), "batch": (B, M, C), "location": (N, M, C)}[bank]
-    p = _t(gen, shape, dtype, strided=M > 1).requires_grad_()
-    loc = bank == "location"
+    x, p, loc = _route_inputs(gen, 3, 11, 40, M, bank, dtype)
     got = ops_proto._compiled_route(x, p, mode, 0.2, loc)
     got = got if mode == "soft" else (got,)
     want_np = np_route(x.detach().double(), p.detach().double(), mode, tau=0.2, per_location=loc)
