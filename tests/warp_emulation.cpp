@@ -10,6 +10,7 @@
 // Usage: warp_emulation SEED. Prints one line per case, "name max_error", the error being
 // max |lanes32 - lanes1| / max(1, max |lanes1|) (NaN where one side is NaN and the other is not); exits 3 on a
 // collective mismatch.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -62,8 +63,8 @@ class Warp {
       seen_ = tags_;
       ++generation_;
       cv_.notify_all();
-    } else if (!cv_.wait_for(lock, std::chrono::seconds(20), [&] { return generation_ != generation; })) {
-      fail("lane " + std::to_string(lane) + " waited 20 s: another lane skipped a collective");
+    } else if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return generation_ != generation; })) {
+      fail("lane " + std::to_string(lane) + " waited 60 s: another lane skipped a collective");
     }
     for (int l = 0; l < kLanes; ++l)
       if (seen_[l] != tag)
@@ -276,7 +277,7 @@ void route_nearest(int M) {
     for (int64_t c = 0; c < C; ++c) s += double(p[m * C + c]) * p[m * C + c];
     inv_p[m] = float(1.0 / std::max(std::sqrt(s), 1e-8));
   }
-  std::vector<float> d_one(T), d_many(T), same(1, 0.f);
+  std::vector<float> d_one(T), d_many(T);
   std::vector<int64_t> i_one(T), i_many(T);
   for (int64_t t = 0; t < T; ++t)
     route::nearest_token(x.data() + t * C, 1, p.data(), C, 1, inv_p.data(), M, C, 0, 1, 1e-8f, CastToFloat{},
@@ -296,8 +297,24 @@ void route_nearest(int M) {
       }
     }
   });
-  for (int64_t t = 0; t < T; ++t) same[0] = std::max(same[0], float(i_one[t] != i_many[t]));
-  report("route_nearest M=" + std::to_string(M), {error(d_many, d_one), double(same[0])});
+  // the index may differ from the one-thread run only on a near-tie (the sums' order differs): the float64
+  // distance of the one taken must be within 1e-5 of the least
+  double excess = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> d64(M);
+    double xx = 0.0;
+    for (int64_t c = 0; c < C; ++c) xx += double(x[t * C + c]) * x[t * C + c];
+    for (int m = 0; m < M; ++m) {
+      double dot = 0.0, pp = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        dot += double(x[t * C + c]) * p[m * C + c];
+        pp += double(p[m * C + c]) * p[m * C + c];
+      }
+      d64[m] = 1.0 - dot / (std::sqrt(xx) * std::sqrt(pp));
+    }
+    excess = std::max(excess, d64[i_many[t]] - *std::min_element(d64.begin(), d64.end()));
+  }
+  report("route_nearest M=" + std::to_string(M), {error(d_many, d_one), excess > 1e-5 ? 1.0 : 0.0});
 }
 
 // ---- Sinkhorn: one problem solved by a team of 32 threads (the CUDA block's row split and shared g; its
