@@ -520,6 +520,8 @@ def test_compiled_backward_nan_and_eps(phi, rng, poisoned):
         assert _rel_err(torch.nan_to_num(a), torch.nan_to_num(b), 1.0) <= 1e-5, f"d{name} (seed={seed})"
     assert torch.isnan(dq[0, 1, 3]).any() and torch.isfinite(dq[1]).all() and torch.isfinite(dk[0, 0]).all()
     q[0, 1, 3, 2] = 0.5  # not 0: there relu's derivative is a convention (torch: 0, the clamp restatement: 1)
+    for t in (q, k):  # phi(q)·z > 0 for every query: with eps = 0 a zero denominator is 0 / 0 (NaN) in every path
+        t[..., 0] = t[..., 0].abs() + 0.1
     for eps in (0.0, 0.5):
         _, got = _compiled_fwd_bwd(q, k, v, g, phi, eps)
         leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
