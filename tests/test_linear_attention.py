@@ -601,58 +601,34 @@ def test_compiled_backward_argument_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("phi", ["elu", "relu"])
-def test_gpu_triton_matches_reference_real_shapes(dtype, tol, phi, rng):
-    """B=16, H=12, N=789, D=64 (Dinomaly ViT-B), q/k/v as views of a packed qkv projection."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 would run the kernels in the interpreter")
-    from fastproto import triton as tpkg
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_matches_reference_real_shapes(impl, dtype, tol, phi, rng, poisoned):
+    """Triton and compiled forward and backward at B=16, H=12, N=789, D=64 (Dinomaly ViT-B), q/k/v as views of
+    a packed qkv projection, vs the reference; impl="auto" takes Triton."""
+    if impl == "triton":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("TRITON_INTERPRET=1 would run the kernels in the interpreter")
+        from fastproto import triton as tpkg
 
-    if not tpkg.is_available():
-        pytest.skip("triton is not installed")
-    seed = _seed(rng)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    B, H, N, D = 16, 12, 789, 64
-    qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
-    g = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype)
-    tm = importlib.import_module("fastproto.triton.linear_attention")
-    old = _triton_pkg.POISON_OUTPUTS
-    _triton_pkg.POISON_OUTPUTS = True
-    try:
-        o_t, s_t, g_t = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, "triton")
-        o_r, s_r, g_r = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, "reference")
-        o_a = linear_attention(qkv[0], qkv[1], qkv[2], phi=phi)
-        torch.cuda.synchronize()
-    finally:
-        _triton_pkg.POISON_OUTPUTS = old
-    assert torch.equal(o_a, o_t), f"impl='auto' did not take the Triton path (seed={seed})"
-    assert torch.isfinite(o_t).all() and all(torch.isfinite(a).all() for a in g_t), f"seed={seed}"
-    for key, a, b in (("out", o_t, o_r), ("state", s_t, s_r), ("dq", g_t[0], g_r[0]),
-                      ("dk", g_t[1], g_r[1]), ("dv", g_t[2], g_r[2])):
-        err = _rel_err(a, b, 1.0 if key.startswith("d") else 1e-30)
-        assert err <= tol, f"{dtype} {phi} {key}: rel err {err:.2e} > {tol} (seed={seed})"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("phi", ["elu", "relu"])
-def test_gpu_compiled_real_shapes(dtype, tol, phi, rng, poisoned):
-    """linear_attention(impl="cuda") forward and backward at Dinomaly's shapes from a packed qkv, vs the
-    reference."""
-    if not _ext.has_op(ops_la.COMPILED_BACKWARD_OP, "cuda"):
+        if not tpkg.is_available():
+            pytest.skip("triton is not installed")
+    elif not _ext.has_op(ops_la.COMPILED_BACKWARD_OP, "cuda"):
         pytest.skip("the compiled extension has no CUDA kernel")
     seed = _seed(rng)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     B, H, N, D = 16, 12, 789, 64
     qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
     g = torch.randn(B, H, N, D, device="cuda", generator=gen).to(dtype)
-    o_c, s_c, g_c = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, "cuda")
+    o_k, s_k, g_k = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, impl)
     o_r, s_r, g_r = _fwd_bwd(qkv[0], qkv[1], qkv[2], g, phi, "reference")
-    assert torch.isfinite(o_c).all() and all(torch.isfinite(a).all() for a in g_c), f"seed={seed}"
-    for key, a, b in (("out", o_c, o_r), ("state", s_c, s_r), ("dq", g_c[0], g_r[0]),
-                      ("dk", g_c[1], g_r[1]), ("dv", g_c[2], g_r[2])):
+    if impl == "triton":
+        assert torch.equal(linear_attention(qkv[0], qkv[1], qkv[2], phi=phi), o_k), \
+            f"impl='auto' did not take the Triton path (seed={seed})"
+    assert torch.isfinite(o_k).all() and all(torch.isfinite(a).all() for a in g_k), f"seed={seed}"
+    for key, a, b in (("out", o_k, o_r), ("state", s_k, s_r), ("dq", g_k[0], g_r[0]),
+                      ("dk", g_k[1], g_r[1]), ("dv", g_k[2], g_r[2])):
         err = _rel_err(a, b, 1.0 if key.startswith("d") else 1e-30)
-        assert err <= tol, f"{dtype} {phi} {key}: rel err {err:.2e} > {tol} (seed={seed})"
+        assert err <= tol, f"{impl} {dtype} {phi} {key}: rel err {err:.2e} > {tol} (seed={seed})"
 
 
 if __name__ == "__main__":
