@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastproto.ops._dispatch import autocast_dtype
+
 __all__ = ["Backbone", "FrozenModule", "ConvBackbone", "TokenAdapter", "DinoVisionTransformer", "EfficientNetLite",
            "WideResNet", "create", "list_backbones", "register_backbone", "adapter", "cnn", "vit", "weights"]
 
@@ -109,8 +111,8 @@ class Backbone(FrozenModule):
         """
         self.check_images(images)
         layers = self.check_layers(layers)
-        out_dtype = _autocast_dtype(images.device.type) or images.dtype
-        if _autocast_dtype(images.device.type) is None:
+        out_dtype = autocast_dtype(images.device.type) or images.dtype
+        if autocast_dtype(images.device.type) is None:
             images = images.to(self.weight_dtype)
         with torch.no_grad():
             outs = self._forward_layers(images, layers)
@@ -122,13 +124,6 @@ class Backbone(FrozenModule):
 
     def _forward_layers(self, images: Tensor, layers: list[int]) -> list[Tensor]:
         raise NotImplementedError
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype active for ``device_type``, or None."""
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
 
 
 _REGISTRY: dict[str, Callable[..., FrozenModule]] = {}

@@ -24,6 +24,13 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device_type``, or None."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def device_guard(device: torch.device):
     """Make ``device`` current for kernel launches; a no-op (no context switch) when it already is."""
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():

@@ -8,3 +8,4 @@ from fastproto.reference import linear_attention  # noqa: F401,E402  (linear att
 from fastproto.reference import prototype  # noqa: F401,E402  (prototype attention / routing reference)
 from fastproto.reference import losses  # noqa: F401,E402  (mining cosine / coherence loss reference)
 from fastproto.reference import sinkhorn  # noqa: F401,E402  (batched log-domain Sinkhorn reference)
+from fastproto.reference import layer_norm  # noqa: F401,E402  (residual add + LayerNorm reference)

@@ -1,0 +1,187 @@
+"""Residual add + LayerNorm: the glue of every pre-norm transformer block, fused.
+
+``add_layer_norm(x, residual, weight, bias, scale=gamma)`` returns ``(out, s)`` with
+``s = residual + gamma * x`` (the new residual stream) and ``out = LayerNorm(s)`` (the next branch's
+input); ``layer_norm`` is the same without the residual. In a ViT block under bfloat16 autocast the
+eager path spends more time on these element-wise passes than on attention: LayerScale, the residual add,
+LayerNorm (float32 under autocast) and the cast to bfloat16 for the next Linear each read and write the
+float32 token tensor. The fused kernel reads ``x`` and ``residual`` once and writes ``s`` and ``out``
+once, ``out`` directly in the dtype the next Linear wants (``out_dtype``).
+
+The maths lives in :mod:`fastproto.reference.layer_norm` (plain PyTorch, ground truth, CPU path);
+:mod:`fastproto.triton.layer_norm` holds the kernels (forward and analytic backward, in Triton).
+``impl="auto"`` takes Triton on CUDA tensors (float32/float16/bfloat16, C <= 8192) and the reference
+otherwise. There is no compiled CUDA kernel for this op.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from fastproto.ops._dispatch import autocast_dtype, device_guard, resolve_impl
+
+# by full name: package attributes may be shadowed by re-exported functions of the same name
+_ref = importlib.import_module("fastproto.reference.layer_norm")
+
+__all__ = ["add_layer_norm", "layer_norm", "LayerNorm"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_module():
+    # imported lazily: keeps `import fastproto` free of triton and lets TRITON_INTERPRET=1 be set
+    # before the kernels are defined
+    return importlib.import_module("fastproto.triton.layer_norm")
+
+
+class _AddLayerNormFn(torch.autograd.Function):
+    """Triton forward and analytic backward on 2-D ``[R, C]`` inputs. Returns ``(out, s)``; ``s`` is None
+    without residual and scale (it would be ``x`` itself)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, scale, weight, bias, eps, out_dtype):
+        branch_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
+        sdtype = _ref.summed_dtype(x, residual, scale)
+        out, s, mean, rstd = _triton_module().forward(x, residual, scale, weight, bias, eps, branch_dtype, sdtype,
+                                                      out_dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+        keep_x = scale is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(x if s is None else s, x if keep_x else None, scale, weight, mean, rstd)
+        return out, s
+
+    @staticmethod
+    @once_differentiable  # the backward kernel is not differentiable itself
+    def backward(ctx, grad_out, grad_s):
+        s, x, scale, weight, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if grad_out is None:
+            grad_out = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+        x_dtype, r_dtype = ctx.dtypes
+        with device_guard(s.device):
+            dx, dr, dw, db, dg = _triton_module().backward(
+                grad_out, grad_s, s, x, scale, weight, mean, rstd,
+                dx_dtype=x_dtype if needs[0] else None, dr_dtype=r_dtype if needs[1] else None,
+                sum_weight=weight is not None and needs[3], sum_bias=ctx.bias_dtype is not None and needs[4],
+                sum_scale=scale is not None and needs[2])
+        cast = (lambda t, like: None if t is None else t.to(like.dtype))
+        return dx, dr, cast(dg, scale), cast(dw, weight), None if db is None else db.to(ctx.bias_dtype), None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate(op, x, residual, weight, bias, scale, eps, out_dtype) -> float:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have a non-empty last (channel) dim, got shape {tuple(x.shape)}")
+    c = x.shape[-1]
+    for name, t, shape in (("residual", residual, tuple(x.shape)), ("weight", weight, (c,)), ("bias", bias, (c,)),
+                           ("scale", scale, (c,))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape} (x has shape {tuple(x.shape)}), got "
+                             f"{tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias), ("scale", scale)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must have a floating dtype, got {t.dtype}")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"{op}: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(float(eps)) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _unsupported(x, tensors, out_dtype):
+    dtypes = {t.dtype for t in tensors if t is not None} | {out_dtype}
+    bad = sorted(str(d) for d in dtypes if d not in _KERNEL_DTYPES)
+    if bad:
+        return f"the Triton kernels take float32/float16/bfloat16, got {', '.join(bad)}"
+    limit = _triton_module().MAX_C
+    if x.shape[-1] > limit:
+        return f"the Triton kernels hold whole rows of at most {limit} channels, got {x.shape[-1]}"
+    return None
+
+
+def _rows(t: Optional[torch.Tensor], c: int) -> Optional[torch.Tensor]:
+    """``t`` as ``[R, C]`` with a contiguous last dim (a view when the strides allow it)."""
+    if t is None:
+        return None
+    t = t.reshape(-1, c)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], *, scale: Optional[torch.Tensor] = None, eps: float = 1e-5,
+                   out_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Residual add and LayerNorm over the last dim in one pass: ``(out, s)``.
+
+    Args:
+        x: the branch output ``[..., C]`` (e.g. an attention or MLP output).
+        residual: the residual stream, same shape as ``x`` (None: ``s = scale * x``).
+        weight, bias: LayerNorm's affine parameters ``[C]`` (None: 1 / 0).
+        scale: per-channel scale of the branch ``[C]`` (LayerScale's ``gamma``), or None.
+        eps: LayerNorm's eps (nn.LayerNorm's default 1e-5; DINOv2 1e-6, Dinomaly/INP-Former decoders 1e-8).
+        out_dtype: dtype of ``out``; None gives what ``F.layer_norm`` returns (float32 under autocast, else the
+            dtype of ``s``). Pass the autocast dtype when ``out`` feeds a Linear: same values, half the bytes.
+        impl: ``"auto"`` | ``"triton"`` | ``"reference"``.
+
+    Returns:
+        ``out`` (LayerNorm of ``s``, ``out_dtype``) and ``s = residual + scale * x`` in the promoted dtype of
+        its inputs (a float32 residual stream stays float32 with a bfloat16 branch), both of ``x``'s shape.
+    """
+    op = "add_layer_norm"
+    eps = _validate(op, x, residual, weight, bias, scale, eps, out_dtype)
+    sdtype = _ref.summed_dtype(x, residual, scale)
+    out_dtype = out_dtype or _ref.default_out_dtype(sdtype, x.device)
+    tensors = (x, residual, scale, weight, bias)
+    chosen = resolve_impl(op, impl, [t for t in tensors if t is not None], impls=("triton",),
+                          unsupported=lambda: _unsupported(x, tensors, out_dtype))
+    if chosen == "reference" or x.numel() == 0:
+        return _ref.add_layer_norm(x, residual, weight, bias, scale=scale, eps=eps, out_dtype=out_dtype)
+    c = x.shape[-1]
+    with device_guard(x.device):
+        out, s = _AddLayerNormFn.apply(_rows(x, c), _rows(residual, c), scale, weight, bias, eps, out_dtype)
+    out = out.view(x.shape)
+    return out, (x if s is None else s.view(x.shape))
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], *, eps: float = 1e-5,
+               out_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> torch.Tensor:
+    """LayerNorm over the last dim, ``out_dtype`` as in :func:`add_layer_norm` (which see)."""
+    return add_layer_norm(x, None, weight, bias, eps=eps, out_dtype=out_dtype, impl=impl)[0]
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dim (same parameters and state_dict keys) running :func:`layer_norm`.
+
+    ``out_dtype`` as in :func:`add_layer_norm`; ``"autocast"`` gives the autocast dtype when autocast is
+    on (the dtype the next Linear computes in) and ``F.layer_norm``'s dtype otherwise.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 *, out_dtype: Optional[torch.dtype] | str = None, impl: str = "auto", device=None, dtype=None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
+                         dtype=dtype)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"LayerNorm: normalises the last dim only, got normalized_shape {self.normalized_shape}")
+        self.out_dtype = out_dtype
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = autocast_dtype(x.device.type) if self.out_dtype == "autocast" else self.out_dtype
+        return layer_norm(x, self.weight, self.bias, eps=self.eps, out_dtype=out_dtype, impl=self.impl)

@@ -1,0 +1,385 @@
+"""Residual add + LayerNorm (``fastproto.ops.add_layer_norm`` / ``layer_norm`` / ``LayerNorm``).
+
+The reference is checked against a float64 NumPy re-statement and against the eager block expression it
+replaces; the Triton kernels (forward and backward) run under the interpreter in a child process, outputs
+poisoned, against the float64 reference's values and autograd gradients.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests import _interpreter
+from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
+from fastproto.ops import LayerNorm, add_layer_norm, layer_norm
+
+_ref = importlib.import_module("fastproto.reference.layer_norm")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _numpy_add_layer_norm(x, r, g, w, b, eps):
+    """float64 re-statement: s = r + g x, out = (s - mean) / sqrt(biased var + eps) * w + b."""
+    s = x * g if g is not None else x.copy()
+    if r is not None:
+        s = s + r
+    mu = s.mean(-1, keepdims=True)
+    var = ((s - mu) ** 2).mean(-1, keepdims=True)
+    out = (s - mu) / np.sqrt(var + eps)
+    if w is not None:
+        out = out * w
+    if b is not None:
+        out = out + b
+    return out, s
+
+
+def _rel_err(got, want, floor=1e-30):
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    return float((got - want).abs().max() / max(float(want.abs().max()), floor))
+
+
+def _np(t):
+    return None if t is None else t.detach().double().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_residual,with_scale,affine", [(True, True, True), (True, False, True),
+                                                             (False, False, True), (True, True, False)])
+def test_reference_matches_numpy_float64(with_residual, with_scale, affine, rng):
+    C = int(rng.integers(1, 200))
+    x = torch.from_numpy(rng.standard_normal((3, 7, C)))
+    r = torch.from_numpy(rng.standard_normal((3, 7, C)) * 3) if with_residual else None
+    g = torch.from_numpy(rng.standard_normal(C)) if with_scale else None
+    w = torch.from_numpy(rng.standard_normal(C)) if affine else None
+    b = torch.from_numpy(rng.standard_normal(C)) if affine else None
+    eps = float(rng.uniform(1e-8, 1e-3))
+    out, s = _ref.add_layer_norm(x, r, w, b, scale=g, eps=eps)
+    out64, s64 = _numpy_add_layer_norm(*(_np(t) for t in (x, r, g, w, b)), eps)
+    assert out.dtype == s.dtype == torch.float64
+    np.testing.assert_allclose(s.numpy(), s64, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out.numpy(), out64, rtol=1e-9, atol=1e-9)
+
+
+def test_reference_equals_the_eager_block_expression(rng):
+    """``x + ls(y)`` then ``nn.LayerNorm`` in float32, and with a bfloat16 branch on a float32 stream: the same
+    bits (the reference is the block's own arithmetic, in the same order)."""
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    C = 96
+    norm = nn.LayerNorm(C, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+        norm.bias.normal_(generator=gen)
+    gamma = torch.randn(C, generator=gen)
+    x = torch.randn(2, 11, C, generator=gen)
+    for y in (torch.randn(2, 11, C, generator=gen), torch.randn(2, 11, C, generator=gen).bfloat16()):
+        s_eager = x + y * gamma
+        out, s = _ref.add_layer_norm(y, x, norm.weight, norm.bias, scale=gamma, eps=1e-6)
+        assert s.dtype == torch.float32 and torch.equal(s, s_eager)
+        assert torch.equal(out, norm(s_eager))
+
+
+def test_reference_dtypes_and_autocast_default():
+    x = torch.randn(4, 16).bfloat16()
+    r = torch.randn(4, 16)
+    w, b = torch.ones(16), torch.zeros(16)
+    out, s = _ref.add_layer_norm(x, r, w, b)
+    assert s.dtype == torch.float32 and out.dtype == torch.float32
+    out, s = _ref.add_layer_norm(x, None, w.bfloat16(), b.bfloat16())
+    assert s is x and out.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _ref.add_layer_norm(x, None, w, b)[0].dtype == torch.float32  # what F.layer_norm gives
+        out16 = _ref.add_layer_norm(x, r, w, b, out_dtype=torch.bfloat16)[0]
+        assert out16.dtype == torch.bfloat16
+        # the Linear that follows computes from the same bfloat16 values either way
+        lin = nn.Linear(16, 8)
+        assert torch.equal(lin(out16), lin(_ref.add_layer_norm(x, r, w, b)[0]))
+
+
+def test_reference_gradcheck_float64(rng):
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    ins = [torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+           for shape in ((2, 3, 9), (2, 3, 9), (9,), (9,), (9,))]
+
+    def f(x, r, g, w, b):
+        return _ref.add_layer_norm(x, r, w, b, scale=g, eps=1e-5)
+
+    assert torch.autograd.gradcheck(f, ins)
+
+
+def test_module_is_a_drop_in_layernorm(rng):
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    plain = nn.LayerNorm(24, eps=1e-6)
+    with torch.no_grad():
+        plain.weight.normal_(generator=gen)
+        plain.bias.normal_(generator=gen)
+    ours = LayerNorm(24, eps=1e-6)
+    ours.load_state_dict(plain.state_dict())
+    assert list(ours.state_dict()) == list(plain.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 5, 24, generator=gen)
+    assert torch.equal(ours(x), plain(x))
+    ours.out_dtype = "autocast"
+    assert ours(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="last dim"):
+        LayerNorm((4, 24))
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 3, 8)
+    w = torch.ones(8)
+    cases = [
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(x=torch.randn(2, 0)), ValueError, "non-empty last"),
+        (dict(residual=torch.randn(2, 3, 7)), ValueError, r"residual must have shape \(2, 3, 8\)"),
+        (dict(weight=torch.ones(7)), ValueError, r"weight must have shape \(8,\)"),
+        (dict(scale=torch.ones(2, 8)), ValueError, r"scale must have shape \(8,\)"),
+        (dict(bias=torch.zeros(8, dtype=torch.int64)), TypeError, "bias must have a floating dtype"),
+        (dict(x=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, "x must have a floating dtype"),
+        (dict(eps=-1.0), ValueError, "eps must be a finite number >= 0"),
+        (dict(eps=float("nan")), ValueError, "eps must be"),
+        (dict(out_dtype=torch.int8), TypeError, "out_dtype must be a floating"),
+        (dict(impl="cuda"), ValueError, "impl must be one of"),
+        (dict(residual=torch.randn(2, 3, 8, device="meta")), ValueError, "residual is on meta"),
+    ]
+    good = dict(x=x, residual=torch.randn(2, 3, 8), weight=w, bias=torch.zeros(8), scale=torch.ones(8), eps=1e-6,
+                out_dtype=None, impl="auto")
+    add_layer_norm(**{k: v for k, v in good.items() if k not in ("x", "residual", "weight", "bias")},
+                   x=x, residual=good["residual"], weight=w, bias=good["bias"])
+    for change, exc, msg in cases:
+        kw = dict(good, **change)
+        with pytest.raises(exc, match=msg):
+            add_layer_norm(kw.pop("x"), kw.pop("residual"), kw.pop("weight"), kw.pop("bias"), **kw)
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error():
+    if not _triton_pkg.is_available():
+        pytest.skip("triton is not installed")
+    if _triton_pkg.interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET=1 is set")
+    with pytest.raises(RuntimeError, match="impl='triton' needs CUDA tensors"):
+        layer_norm(torch.randn(2, 8), None, None, impl="triton")
+
+
+def test_auto_on_cpu_is_the_reference(rng):
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    x, r = torch.randn(4, 10, generator=gen), torch.randn(4, 10, generator=gen)
+    w, b, g = (torch.randn(10, generator=gen) for _ in range(3))
+    for a, e in zip(add_layer_norm(x, r, w, b, scale=g), _ref.add_layer_norm(x, r, w, b, scale=g)):
+        assert torch.equal(a, e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (child process, outputs poisoned)
+# ----------------------------------------------------------------------------------------------
+
+#: name -> (shape, x dtype, residual dtype or None, scale dtype or None, affine, out dtype or None, strided)
+INTERP_CASES = {
+    "fp32_full": ((3, 13, 100), "float32", "float32", "float32", True, None, False),
+    "fp32_no_scale_strided": ((2, 9, 64), "float32", "float32", None, True, None, True),
+    "fp32_plain_ln": ((37, 48), "float32", None, None, True, None, False),
+    "fp32_no_affine": ((5, 33), "float32", "float32", "float32", False, None, False),
+    "fp32_tiny_rows": ((7, 50), "float32", None, None, True, None, False),  # variance 1e-6 ~ eps: eps matters
+    "c1": ((6, 1), "float32", "float32", "float32", True, None, False),
+    "bf16_branch_fp32_stream": ((2, 17, 96), "bfloat16", "float32", "float32", True, "bfloat16", False),
+    "fp16_all": ((4, 21, 80), "float16", "float16", "float16", True, None, True),
+    "fp16_all_fp32_out": ((4, 21, 80), "float16", "float16", "float16", True, "float32", False),
+    "bf16_plain_ln_fp32_out": ((19, 40), "bfloat16", None, None, True, "float32", False),
+}
+
+
+def _interp_inputs(name, seed):
+    shape, xdt, rdt, gdt, affine, odt, strided = INTERP_CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+
+    def make(sh, dt, scale=1.0):
+        t = torch.randn(*sh, generator=gen) * scale
+        if strided:  # a view with a row stride wider than C (a slice of a wider tensor)
+            wide = torch.randn(*sh[:-1], C + 7, generator=gen)
+            wide[..., :C] = t
+            t = wide[..., :C]
+        return t.to(DTYPES[dt])
+
+    x = make(shape, xdt, 1e-3 if "tiny" in name else 1.0)
+    r = make(shape, rdt, 3.0) if rdt else None
+    g = (torch.rand(C, generator=gen) + 0.5).to(DTYPES[gdt]) if gdt else None
+    w = torch.randn(C, generator=gen) if affine else None
+    b = torch.randn(C, generator=gen) if affine else None
+    return x, r, g, w, b, (DTYPES[odt] if odt else None)
+
+
+def _run(x, r, g, w, b, out_dtype, impl, dout, ds):
+    """Forward, then gradients of ``sum(out * dout) + sum(s * ds)`` for every tensor input."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, r, g, w, b)]
+    lx, lr, lg, lw, lb = leaves
+    out, s = add_layer_norm(lx, lr, lw, lb, scale=lg, eps=1e-6, out_dtype=out_dtype, impl=impl)
+    loss = (out.double() * dout).sum()
+    if ds is not None:
+        loss = loss + (s.double() * ds).sum()
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, present)
+    return out.detach(), s.detach(), grads, s is lx
+
+
+def _interpreter_main(seed: int) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    tm = importlib.import_module("fastproto.triton.layer_norm")
+    _triton_pkg.POISON_OUTPUTS = True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    results = {"_interpreted": all(isinstance(k, InterpretedFunction)
+                                   for k in (tm._add_ln_fwd_kernel, tm._add_ln_bwd_kernel))}
+    for i, name in enumerate(INTERP_CASES):
+        try:
+            x, r, g, w, b, odt = _interp_inputs(name, seed + i)
+            gen = torch.Generator().manual_seed(seed + 100 + i)
+            dout = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            has_s = r is not None or g is not None
+            ds = torch.randn(x.shape, generator=gen, dtype=torch.float64) if has_s else None
+            o_t, s_t, g_t, s_is_x = _run(x, r, g, w, b, odt, "triton", dout, ds)
+            # float64 truth: the reference on the same values upcast (the 16-bit rounding of s is the kernel's
+            # business and within the 16-bit tolerance)
+            up = [None if t is None else t.double() for t in (x, r, g, w, b)]
+            o_64, s_64, g_64, _ = _run(*up, torch.float64, "reference", dout, ds)
+            o_r, s_r, _, _ = _run(x, r, g, w, b, odt, "reference", dout, ds)
+            want_out_dtype = odt or _ref.summed_dtype(x, r, g)
+            results[name] = {
+                "dtypes_ok": o_t.dtype == o_r.dtype == want_out_dtype and s_t.dtype == s_r.dtype
+                and all(a.dtype == t.dtype for a, t in zip(g_t, [t for t in (x, r, g, w, b) if t is not None])),
+                "finite": bool(torch.isfinite(o_t).all()) and all(bool(torch.isfinite(a).all()) for a in g_t),
+                "out": _rel_err(o_t, o_64), "out_vs_ref": _rel_err(o_t, o_r), "s": _rel_err(s_t, s_64),
+                "out_fp32": o_t.dtype == torch.float32,
+                "s_is_x": s_is_x if not has_s else None,
+                # 16-bit s: every step rounds as the eager expression does (no contraction possible), so equal bits
+                "s_exact": torch.equal(s_t, s_r) if s_t.dtype in (torch.float16, torch.bfloat16) else None,
+                "grads": [_rel_err(a, e, 1e-3) for a, e in zip(g_t, g_64)],
+                "low_precision": any(t is not None and t.dtype != torch.float32 for t in (x, r, g)) or
+                odt not in (None, torch.float32),
+            }
+        except Exception as exc:  # noqa: BLE001  (report; the parent test fails with the message)
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    # only s used downstream (no gradient reaches out), and only out used (none reaches s); an input the used
+    # output does not depend on gets None from the reference and zeros from the kernels
+    x, r, g, w, b, _ = _interp_inputs("fp32_full", seed)
+    ds = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 7))
+    partial = {}
+    for use in ("s", "out"):
+        per_impl = []
+        for impl, cast in (("triton", torch.float32), ("reference", torch.float64)):
+            leaves = [t.detach().to(cast).requires_grad_(True) for t in (x, r, g, w, b)]
+            out, s = add_layer_norm(leaves[0], leaves[1], leaves[3], leaves[4], scale=leaves[2], impl=impl)
+            used = s if use == "s" else out
+            grads = torch.autograd.grad((used.double() * ds).sum(), leaves, allow_unused=True)
+            per_impl.append([torch.zeros(t.shape) if q is None else q for q, t in zip(grads, leaves)])
+        partial[use] = [_rel_err(a, e, 1e-3) for a, e in zip(*per_impl)]
+    results["_partial"] = partial
+    # a NaN in one element gives NaN in exactly its row
+    x, r, g, w, b, _ = _interp_inputs("fp32_full", seed)
+    x = x.clone()
+    x[1, 4, 7] = float("nan")
+    out, s = add_layer_norm(x, r, w, b, scale=g, impl="triton")
+    row = torch.zeros(out.shape[:-1], dtype=torch.bool)
+    row[1, 4] = True
+    results["_nan_row"] = bool(torch.isnan(out[row]).all()) and bool(torch.isfinite(out[~row]).all()) and \
+        int(torch.isnan(s).sum()) == 1
+    # unsupported inputs: forced triton refuses with the reason
+    for key, args in (("_float64_refused", (torch.randn(3, 8, dtype=torch.float64), None, None)),
+                      ("_wide_refused", (torch.randn(2, tm.MAX_C + 1), None, None))):
+        try:
+            layer_norm(*args, impl="triton")
+            results[key] = False
+        except RuntimeError as exc:
+            results[key] = "cannot run these inputs" in str(exc)
+    # the drop-in module through the kernels
+    m = LayerNorm(40, eps=1e-6, impl="triton")
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    xm = torch.randn(3, 7, 40)
+    results["_module"] = _rel_err(m(xm), F.layer_norm(xm.double(), (40,), m.weight.double(), m.bias.double(), 1e-6))
+    _interpreter.emit(results)
+
+
+interpreter_results = _interpreter.results_fixture(__file__)
+
+
+def test_interpreter_is_really_used(interpreter_results):
+    seed, res = interpreter_results
+    assert res["_interpreted"], f"kernels were not InterpretedFunction objects (seed={seed})"
+
+
+@pytest.mark.parametrize("name", list(INTERP_CASES))
+def test_triton_interpreter_matches_float64(name, interpreter_results):
+    seed, res = interpreter_results
+    r = res[name]
+    assert "error" not in r, f"{name}: {r.get('error')} (seed={seed})"
+    assert r["dtypes_ok"] and r["finite"], f"{name}: {r} (seed={seed})"
+    tol = 1e-2 if r["low_precision"] else 1e-5
+    for key in ("out", "out_vs_ref", "s"):
+        assert r[key] <= tol, f"{name}: {key} rel err {r[key]:.2e} > {tol} (seed={seed})"
+    # a float32 output is the LayerNorm of the same (rounded) s on both paths: float32 agreement
+    assert not r["out_fp32"] or r["out_vs_ref"] <= 1e-5, f"{name}: out vs reference {r['out_vs_ref']:.2e} (seed={seed})"
+    assert all(e <= tol for e in r["grads"]), f"{name}: gradient rel errs {r['grads']} > {tol} (seed={seed})"
+    assert r["s_exact"] is not False, f"{name}: 16-bit s differs from the eager rounding (seed={seed})"
+    if r["s_is_x"] is not None:
+        assert r["s_is_x"], f"{name}: without residual and scale, s must be x itself (seed={seed})"
+
+
+def test_triton_interpreter_partial_gradients(interpreter_results):
+    seed, res = interpreter_results
+    for use, errs in res["_partial"].items():
+        assert all(e <= 1e-5 for e in errs), f"only {use} used: rel errs {errs} (seed={seed})"
+
+
+def test_triton_interpreter_nan_unsupported_module(interpreter_results):
+    seed, res = interpreter_results
+    assert res["_nan_row"], f"NaN did not propagate to exactly its row (seed={seed})"
+    assert res["_float64_refused"] and res["_wide_refused"], f"unsupported inputs not refused (seed={seed})"
+    assert res["_module"] <= 1e-5, f"module rel err {res['_module']:.2e} (seed={seed})"
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU, real shapes (skipped without CUDA)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("branch_dtype,out_dtype,tol", [(torch.float32, None, 1e-5),
+                                                        (torch.bfloat16, torch.bfloat16, 1e-2)])
+def test_gpu_matches_reference_real_shapes(branch_dtype, out_dtype, tol, rng, poisoned):
+    """A ViT-B block's glue at B=16, N=789, C=768: bfloat16 branch on a float32 residual stream (autocast) and
+    all-float32, forward and backward vs the float64 reference; impl="auto" takes Triton."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the kernels in the interpreter")
+    if not _triton_pkg.is_available():
+        pytest.skip("triton is not installed")
+    seed = int(rng.integers(1 << 31))
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape, C = (16, 789, 768), 768
+    x = torch.randn(shape, device="cuda", generator=gen).to(branch_dtype)
+    r = torch.randn(shape, device="cuda", generator=gen) * 3
+    g, w, b = (torch.randn(C, device="cuda", generator=gen) for _ in range(3))
+    dout = torch.randn(shape, device="cuda", generator=gen, dtype=torch.float64)
+    ds = torch.randn(shape, device="cuda", generator=gen, dtype=torch.float64)
+    o_t, s_t, g_t, _ = _run(x, r, g, w, b, out_dtype, "auto", dout, ds)
+    o_64, s_64, g_64, _ = _run(*(t.double() for t in (x, r, g, w, b)), torch.float64, "reference", dout, ds)
+    assert o_t.dtype == (out_dtype or torch.float32) and s_t.dtype == torch.float32, f"seed={seed}"
+    for key, a, e in (("out", o_t, o_64), ("s", s_t, s_64), *zip(("dx", "dr", "dg", "dw", "db"), g_t, g_64)):
+        err = _rel_err(a, e, 1e-12)
+        assert err <= tol, f"{key}: rel err {err:.2e} > {tol} (seed={seed})"
+
+
+if __name__ == "__main__":
+    _interpreter.main(__file__, _interpreter_main)
