@@ -36,6 +36,7 @@ from fastproto import _ext, ops  # noqa: E402
 ops_linear_attention = importlib.import_module("fastproto.ops.linear_attention")  # the modules (ops re-exports
 ops_prototype = importlib.import_module("fastproto.ops.prototype")  # functions of the same names)
 ops_sinkhorn = importlib.import_module("fastproto.ops.sinkhorn")
+from fastproto.reference import layer_norm as ref_ln  # noqa: E402
 from fastproto.reference import linear_attention as ref_la  # noqa: E402
 from fastproto.reference import losses as ref_losses  # noqa: E402
 from fastproto.reference import prototype as ref_proto  # noqa: E402
@@ -245,6 +246,20 @@ def cases(device, dtype, B, quick) -> List[Case]:
             {"fastproto": lambda e0, e1, d0, d1, m=mode: ops.cosine_mining_loss([e0, e1], [d0, d1], mode=m),
              "reference": lambda e0, e1, d0, d1, m=mode: ref_losses.cosine_mining_loss([e0, e1], [d0, d1], mode=m)},
             ["d0", "d1"], floor_fwd=4 * t, floor_bwd=4 * t + 2 * t, compile_ref=None))
+
+    # 5. residual add + LayerScale + LayerNorm, the ViT block glue (DINOv2 blocks; every decoder block without
+    #    the scale): a float32 residual stream, a branch and the LayerNorm output in `dtype` (autocast's layout).
+    #    The reference is the eager block (mul, add, float32 LayerNorm, cast). fwd+bwd: the gradient of the
+    #    LayerNorm output (the first output) only.
+    xs = (B, 789, DIM)
+    td, tf = _nbytes(xs, dtype), _nbytes(xs, torch.float32)
+    out.append(Case(
+        "add_layer_norm (LayerScale)", f"B={B} N=789 C={DIM}, float32 stream",
+        lambda: {"x": rand(*xs), "r": torch.randn(*xs, device=dev), "g": torch.rand(DIM, device=dev),
+                 "w": torch.randn(DIM, device=dev), "b": torch.randn(DIM, device=dev)},
+        {"fastproto": lambda x, r, g, w, b: ops.add_layer_norm(x, r, w, b, scale=g, eps=1e-6, out_dtype=dtype),
+         "reference": lambda x, r, g, w, b: ref_ln.add_layer_norm(x, r, w, b, scale=g, eps=1e-6, out_dtype=dtype)},
+        ["x", "r", "g", "w", "b"], floor_fwd=2 * td + 2 * tf, floor_bwd=(2 * td + 2 * tf) + (3 * td + 2 * tf)))
     return out
 
 

@@ -6,6 +6,7 @@ poisoned, against the float64 reference's values and autograd gradients.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 
@@ -180,6 +181,88 @@ def test_auto_on_cpu_is_the_reference(rng):
 
 
 # ----------------------------------------------------------------------------------------------
+# the blocks that use pre_norm: reference mode is the eager block, bit for bit
+# ----------------------------------------------------------------------------------------------
+
+
+def _randomized(module, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.3) +
+                    (1.0 if p.dim() == 1 else 0.0))
+    return module
+
+
+def _blocks(seed, dim=32, heads=2):
+    """(name, block, eager forward re-stated from the pre-fusion code, inputs)."""
+    from fastproto.backbones.vit import Block as VitBlock
+    from fastproto.models._vit_common import AggregationAttention, Block
+    from fastproto.models.proad import BidirectionalBlock as ProBlock
+    from fastproto.models.uipad import BidirectionalBlock as UipBlock
+    from fastproto.ops import LinearCrossAttention, PrototypeAttention
+
+    gen = torch.Generator().manual_seed(seed)
+    x, ctx, p = torch.randn(2, 9, dim, generator=gen), torch.randn(2, 9, dim, generator=gen), \
+        torch.randn(2, 3, dim, generator=gen)
+
+    def plain(b, x, c=None):
+        a = b.attn(b.norm1(x)) if c is None else b.attn(b.norm1(x), b.norm1(c))
+        a = a[0] if isinstance(a, tuple) else a
+        x = x + a if b.attn_residual else a
+        return x + b.mlp(b.norm2(x))
+
+    def proad(b, q, p):
+        a = p + b.attn(b.norm1(p), b.norm1(q))[0]
+        p = a + b.mlp(b.norm2(a))
+        return q + b.attn(b.norm1(q), b.norm1(p))[0] + b.mlp(b.norm2(p)), p
+
+    def uipad(b, x, p):
+        x = x + b.attn(b.norm1(x), b.p_norm1(p))
+        x = x + b.mlp(b.norm2(x))
+        if b.update_prototypes:
+            p = p + b.p_attn(b.p_norm1(p), b.norm1(x))
+            p = p + b.p_mlp(b.p_norm2(p))
+        return x, p
+
+    def vit(b, x):
+        x = x + b.ls1(b.attn(b.norm1(x)))
+        return x + b.ls2(b.mlp(b.norm2(x)))
+
+    return [
+        ("vit", _randomized(VitBlock(dim, heads), seed), vit, (x,)),
+        ("self", _randomized(Block(dim, LinearCrossAttention(dim, heads)), seed), plain, (x, ctx)),
+        ("no_attn_residual", _randomized(Block(dim, PrototypeAttention(dim, heads), attn_residual=False), seed),
+         plain, (x, p)),
+        ("aggregation", _randomized(Block(dim, AggregationAttention(dim, heads)), seed), plain, (p, x)),
+        ("proad", _randomized(ProBlock(dim, LinearCrossAttention(dim, heads)), seed), proad, (x, ctx)),
+        ("uipad", _randomized(UipBlock(dim, heads), seed), uipad, (x, p)),
+        ("uipad_last", _randomized(UipBlock(dim, heads, update_prototypes=False), seed), uipad, (x, p)),
+    ]
+
+
+def _set_impl(module, impl):
+    for m in module.modules():
+        if isinstance(getattr(m, "impl", None), str):
+            m.impl = impl
+    return module
+
+
+def _flat(out):
+    return torch.cat([t.reshape(-1).float() for t in (out if isinstance(out, tuple) else (out,))])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_blocks_reference_mode_is_the_eager_block(autocast, rng):
+    seed = int(rng.integers(1 << 31))
+    for name, block, eager, inputs in _blocks(seed):
+        _set_impl(block, "reference")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got, want = _flat(block(*inputs)), _flat(eager(block, *inputs))
+        assert torch.equal(got, want), f"{name}: reference mode differs from the eager block (seed={seed})"
+
+
+# ----------------------------------------------------------------------------------------------
 # Triton kernels under the interpreter (child process, outputs poisoned)
 # ----------------------------------------------------------------------------------------------
 
@@ -308,6 +391,31 @@ def _interpreter_main(seed: int) -> None:
         m.bias.normal_()
     xm = torch.randn(3, 7, 40)
     results["_module"] = _rel_err(m(xm), F.layer_norm(xm.double(), (40,), m.weight.double(), m.bias.double(), 1e-6))
+    # the blocks through the kernels vs their reference mode: outputs and input / parameter gradients. float32:
+    # against each other; bfloat16 autocast: each against the float64 block (both carry bfloat16 error)
+    blocks = {}
+    for autocast in (False, True):
+        for name, block, _, inputs in _blocks(seed):
+            runs = {}
+            for impl in ("triton", "reference", "float64"):
+                if impl == "float64" and not autocast:
+                    continue
+                b = copy.deepcopy(block).double() if impl == "float64" else block
+                _set_impl(b, "reference" if impl == "float64" else impl)
+                b.zero_grad()
+                leaves = [t.detach().clone().to(torch.float64 if impl == "float64" else t.dtype).requires_grad_(True)
+                          for t in inputs]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and impl != "float64"):
+                    out = _flat(b(*leaves)).double()
+                (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64)).sum().backward()
+                grads = torch.cat([t.grad.reshape(-1).double() for t in leaves] +
+                                  [q.grad.reshape(-1).double() for q in b.parameters() if q.grad is not None])
+                runs[impl] = (out.detach(), grads)
+            truth = runs["float64" if autocast else "reference"]
+            blocks[f"{name}{'_bf16' if autocast else ''}"] = {
+                key: [_rel_err(runs[impl][i], truth[i]) for impl in ("triton", "reference")]
+                for i, key in enumerate(("out", "grads"))} | {"low_precision": autocast}
+    results["_blocks"] = blocks
     _interpreter.emit(results)
 
 
@@ -347,6 +455,17 @@ def test_triton_interpreter_nan_unsupported_module(interpreter_results):
     assert res["_nan_row"], f"NaN did not propagate to exactly its row (seed={seed})"
     assert res["_float64_refused"] and res["_wide_refused"], f"unsupported inputs not refused (seed={seed})"
     assert res["_module"] <= 1e-5, f"module rel err {res['_module']:.2e} (seed={seed})"
+
+
+def test_triton_interpreter_blocks_match_reference_mode(interpreter_results):
+    seed, res = interpreter_results
+    for name, r in res["_blocks"].items():
+        for key in ("out", "grads"):
+            fused, reference = r[key]
+            # bfloat16: no worse than the reference mode's own error against float64 (with slack for rounding
+            # luck); float32: fused vs reference mode
+            bound = 2 * reference + 5e-3 if r["low_precision"] else 1e-5
+            assert fused <= bound, f"{name}: {key} rel err {fused:.2e} > {bound:.2e} ({r}, seed={seed})"
 
 
 # ----------------------------------------------------------------------------------------------

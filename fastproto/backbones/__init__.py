@@ -102,6 +102,16 @@ class Backbone(FrozenModule):
             raise ValueError(f"{type(self).__name__} has layers 0..{self.num_layers - 1}; got {bad}")
         return layers
 
+    def set_impl(self, impl: str) -> Backbone:
+        """Run the backbone's fused-op blocks (e.g. DINOv2's residual add + LayerNorm) with ``impl``:
+        ``"auto"`` | ``"triton"`` | ``"reference"`` (the eager expressions)."""
+        if impl not in ("auto", "triton", "reference"):
+            raise ValueError(f"{type(self).__name__}: impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        for module in self.modules():
+            if isinstance(getattr(module, "impl", None), str):
+                module.impl = impl
+        return self
+
     def forward_layers(self, images: Tensor, layers: Sequence[int]) -> list[Tensor]:
         """Outputs ``[B, P + h*w, C]`` of the given 0-based layers, in the order given.
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastproto.backbones import Backbone
+from fastproto.ops import pre_norm
 from fastproto.backbones.weights import dinov2_auto, find_checkpoint, load_checked, read_state_dict
 
 __all__ = ["DinoVisionTransformer", "Attention", "Block", "LayerScale", "Mlp", "SwiGLUFFN", "PatchEmbed",
@@ -113,11 +114,18 @@ class SwiGLUFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with LayerScale: ``x + ls1(attn(norm1(x)))``, ``x + ls2(mlp(norm2(x)))``."""
+    """Pre-norm transformer block with LayerScale: ``x + ls1(attn(norm1(x)))``, ``x + ls2(mlp(norm2(x)))``.
+
+    ``impl="reference"`` runs these eager expressions; otherwise LayerScale, the residual add and the
+    LayerNorms go through :func:`fastproto.ops.pre_norm` (one fused pass each, LayerNorm outputs in the
+    autocast dtype under autocast) and the last residual through one ``addcmul``.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp",
-                 init_values: float = 1.0, qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True):
+                 init_values: float = 1.0, qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True,
+                 impl: str = "auto"):
         super().__init__()
+        self.impl = impl
         ffn_cls = {"mlp": Mlp, "swiglu": SwiGLUFFN}[ffn]
         self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
@@ -127,8 +135,14 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        if self.impl == "reference":
+            x = x + self.ls1(self.attn(self.norm1(x)))
+            return x + self.ls2(self.mlp(self.norm2(x)))
+        h = pre_norm(self.norm1, x, impl=self.impl)[0]
+        h, x = pre_norm(self.norm2, self.attn(h), residual=x, scale=self.ls1.gamma, impl=self.impl)
+        y = self.mlp(h)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the 16-bit branch up first
+            return torch.addcmul(x, y, self.ls2.gamma)
 
 
 def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float = 0.1,

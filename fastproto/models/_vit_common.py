@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastproto.ops import anomaly_map, cosine_mining_loss, image_score
+from fastproto.ops import anomaly_map, cosine_mining_loss, image_score, pre_norm
 
 __all__ = [
     "LN_EPS",
@@ -110,25 +110,35 @@ class Block(nn.Module):
     ``x = x + y`` (or ``x = y`` with ``attn_residual=False``: INP-Former's decoder drops the
     attention residual so that tokens are rebuilt from prototypes only) and
     ``x = x + mlp(norm2(x))``. No dropout or drop-path: the official decoders use none.
+
+    The residual adds and LayerNorms run through :func:`fastproto.ops.pre_norm` with the block's ``impl``
+    (``"reference"``: the eager expressions; otherwise the fused kernel, LayerNorm outputs in the autocast
+    dtype under autocast).
     """
 
-    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0, attn_residual: bool = True):
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0, attn_residual: bool = True,
+                 impl: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = attn
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.attn_residual = attn_residual
+        self.impl = impl
+
+    def norm(self, norm: nn.LayerNorm, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(norm(s), s)`` with ``s = residual + x`` (``x`` without a residual)."""
+        return pre_norm(norm, x, residual=residual, impl=self.impl)
 
     def attend(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``attn(norm1(x)[, norm1(context)])`` without the residual, auxiliary outputs dropped."""
-        out = self.attn(self.norm1(x)) if context is None else self.attn(self.norm1(x), self.norm1(context))
+        h = self.norm(self.norm1, x)[0]
+        out = self.attn(h) if context is None else self.attn(h, self.norm(self.norm1, context)[0])
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        y = self.attend(x, context)
-        x = x + y if self.attn_residual else y
-        return x + self.mlp(self.norm2(x))
+        h, x = self.norm(self.norm2, self.attend(x, context), x if self.attn_residual else None)
+        return x + self.mlp(h)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,9 +61,9 @@ class BidirectionalBlock(Block):
     """
 
     def forward(self, q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        a = p + self.attend(p, q)
-        p = a + self.mlp(self.norm2(a))
-        return q + self.attend(q, p) + self.mlp(self.norm2(p)), p
+        h, a = self.norm(self.norm2, self.attend(p, q), p)  # A = P + LCA(P, Q, Q)
+        h, p = self.norm(self.norm2, self.mlp(h), a)  # P' = A + FFN(A), and norm2(P') for the constraint
+        return q + self.attend(q, p) + self.mlp(h), p
 
 
 @register_model("proad")

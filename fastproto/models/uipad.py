@@ -75,7 +75,7 @@ from fastproto.models._vit_common import (
     tokens_to_map,
 )
 from fastproto.models.dpdiff import PrototypeCrossAttention
-from fastproto.ops import image_score, route
+from fastproto.ops import image_score, pre_norm, route
 
 __all__ = ["DECODER_INPUTS", "MODES", "UIPAD", "BidirectionalBlock"]
 
@@ -107,14 +107,18 @@ class BidirectionalBlock(nn.Module):
             self.p_attn = AggregationAttention(dim, num_heads)
             self.p_norm2 = nn.LayerNorm(dim, eps=LN_EPS)
             self.p_mlp = Mlp(dim, hidden)
+        self.impl = impl
 
     def forward(self, x: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-        x = x + self.attn(self.norm1(x), self.p_norm1(p))
-        x = x + self.mlp(self.norm2(x))
-        if self.update_prototypes:
-            p = p + self.p_attn(self.p_norm1(p), self.norm1(x))
-            p = p + self.p_mlp(self.p_norm2(p))
-        return x, p
+        # residual adds and LayerNorms through fastproto.ops.pre_norm (fused unless impl="reference")
+        hp = pre_norm(self.p_norm1, p, impl=self.impl)[0]
+        h, x = pre_norm(self.norm2, self.attn(pre_norm(self.norm1, x, impl=self.impl)[0], hp), residual=x,
+                        impl=self.impl)
+        if not self.update_prototypes:
+            return x + self.mlp(h), p
+        hx, x = pre_norm(self.norm1, self.mlp(h), residual=x, impl=self.impl)  # x + mlp, and norm1 of it for p
+        h, p = pre_norm(self.p_norm2, self.p_attn(hp, hx), residual=p, impl=self.impl)
+        return x, p + self.p_mlp(h)
 
 
 def _symmetric_kl(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:

@@ -29,7 +29,7 @@ from fastproto.ops._dispatch import autocast_dtype, device_guard, resolve_impl
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.layer_norm")
 
-__all__ = ["add_layer_norm", "layer_norm", "LayerNorm"]
+__all__ = ["add_layer_norm", "layer_norm", "pre_norm", "LayerNorm"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -164,6 +164,20 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
                out_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> torch.Tensor:
     """LayerNorm over the last dim, ``out_dtype`` as in :func:`add_layer_norm` (which see)."""
     return add_layer_norm(x, None, weight, bias, eps=eps, out_dtype=out_dtype, impl=impl)[0]
+
+
+def pre_norm(norm: nn.LayerNorm, x: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
+             scale: Optional[torch.Tensor] = None, impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's glue with its ``norm`` module's parameters: ``(norm(s), s)``, ``s = residual + scale * x``.
+
+    With ``impl="reference"`` this is the eager expression ``norm(residual + x * scale)``, bit for bit (the
+    output in ``F.layer_norm``'s dtype). Otherwise :func:`add_layer_norm` runs with ``out_dtype`` = the
+    autocast dtype when autocast is on: the block's next Linear computes from the same values, which then
+    never exist in float32 in memory.
+    """
+    out_dtype = None if impl == "reference" else autocast_dtype(x.device.type)
+    return add_layer_norm(x, residual, norm.weight, norm.bias, scale=scale, eps=norm.eps, out_dtype=out_dtype,
+                          impl=impl)
 
 
 class LayerNorm(nn.LayerNorm):
