@@ -8,8 +8,10 @@ Every row: median time of ``--repeats`` timed runs (each of ``--inner`` back-to-
 events; warm-up runs, and the compile of ``torch.compile`` rows, excluded), peak memory above the
 pre-call level (CUDA allocator / host RSS), and, for the fused rows on CUDA, the **floor**: the bytes
 the op must move (inputs read once, outputs written once) divided by the HBM bandwidth measured in
-the same run (a device-to-device copy), and the ratio time / floor. "fwd+bwd" runs the forward and
-``backward`` of a random upstream gradient, and the floor counts the backward's reads and writes too.
+the same run (a device-to-device copy), and the ratio time / floor. For a compute-bound op (a matrix
+product) the floor is the larger of that and its FLOPs at the cuBLAS rate measured in the same run (an
+8192^3 ``torch.matmul`` in the op's dtype). "fwd+bwd" runs the forward and ``backward`` of a random upstream
+gradient, and the floor counts the backward's reads and writes too.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ ops_prototype = importlib.import_module("fastproto.ops.prototype")  # functions 
 ops_sinkhorn = importlib.import_module("fastproto.ops.sinkhorn")
 from fastproto.reference import layer_norm as ref_ln  # noqa: E402
 from fastproto.reference import linear_attention as ref_la  # noqa: E402
+from fastproto.reference import linear_gelu as ref_lg  # noqa: E402
 from fastproto.reference import losses as ref_losses  # noqa: E402
 from fastproto.reference import prototype as ref_proto  # noqa: E402
 from fastproto.reference import sinkhorn as ref_sk  # noqa: E402
@@ -129,6 +132,8 @@ class Case:
     floor_fwd: int = 0                                   # bytes a fused forward must move
     floor_bwd: int = 0                                   # bytes a fused forward + backward must move
     fused: tuple = ("fastproto",)                        # rows that get the floor column
+    flops: int = 0                                       # a compute-bound op's FLOPs: floor = max(bytes / bandwidth,
+    flops_dtype: Optional[torch.dtype] = None            # flops / the measured cuBLAS matmul rate in this dtype)
     compile_ref: Optional[str] = "reference"            # the row torch.compile is applied to
     bwd: bool = True
 
@@ -260,6 +265,17 @@ def cases(device, dtype, B, quick) -> List[Case]:
         {"fastproto": lambda x, r, g, w, b: ops.add_layer_norm(x, r, w, b, scale=g, eps=1e-6, out_dtype=dtype),
          "reference": lambda x, r, g, w, b: ref_ln.add_layer_norm(x, r, w, b, scale=g, eps=1e-6, out_dtype=dtype)},
         ["x", "r", "g", "w", "b"], floor_fwd=2 * td + 2 * tf, floor_bwd=(2 * td + 2 * tf) + (3 * td + 2 * tf)))
+
+    # 6. Linear + exact GELU, a ViT-B MLP's fc1 (768 -> 3072) over B x 789 tokens: compute-bound (the floor is
+    #    the larger of the bytes and the FLOPs at the measured cuBLAS rate). Inference op (forward only).
+    rows, hidden = B * 789, 4 * DIM
+    out.append(Case(
+        "linear_gelu (MLP fc1)", f"B={B} N=789 {DIM}->{hidden}",
+        lambda: {"x": rand(B, 789, DIM), "w": rand(hidden, DIM, scale=DIM ** -0.5), "b": rand(hidden)},
+        {"fastproto": lambda x, w, b: ops.linear_gelu(x, w, b),
+         "reference": lambda x, w, b: ref_lg.linear_gelu(x, w, b)},
+        [], floor_fwd=_nbytes((rows, DIM), dtype) + _nbytes((hidden, DIM), dtype) + _nbytes((rows, hidden), dtype),
+        flops=2 * rows * DIM * hidden, flops_dtype=dtype, bwd=False))
     return out
 
 
@@ -412,6 +428,20 @@ def hbm_bandwidth(device) -> float:
     return 2 * 2**30 / statistics.median(times)
 
 
+_MATMUL_RATES: Dict[torch.dtype, float] = {}
+
+
+def matmul_rate(dtype) -> float:
+    """Measured cuBLAS rate in FLOP/s of an 8192^3 ``torch.matmul`` in ``dtype`` (default precision flags)."""
+    if dtype not in _MATMUL_RATES:
+        a = torch.randn(8192, 8192, device="cuda").to(dtype)
+        b = torch.randn(8192, 8192, device="cuda").to(dtype)
+        st = measure_stats(lambda: torch.matmul(a, b), repeats=10, warmup=3, cuda=True)
+        _MATMUL_RATES[dtype] = 2 * 8192 ** 3 / st["median_s"]
+        del a, b
+    return _MATMUL_RATES[dtype]
+
+
 def run_case(case: Case, *, device, backward, repeats, inner, compile_ref, bw) -> List[dict]:
     cuda = device == "cuda"
     torch.manual_seed(0)
@@ -435,6 +465,8 @@ def run_case(case: Case, *, device, backward, repeats, inner, compile_ref, bw) -
         except Exception as e:  # a baseline that cannot run this case is reported, not fatal
             sec, peak, err = None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         floor = (case.floor_bwd if backward else case.floor_fwd) / bw if (bw and name in case.fused) else None
+        if floor is not None and case.flops:
+            floor = max(floor, case.flops / matmul_rate(case.flops_dtype))
         rows.append({"op": case.op, "shape": case.shape, "pass": "fwd+bwd" if backward else "fwd", "impl": name,
                      "time_s": sec, "peak_bytes": peak, "floor_s": floor, "compile_s": t_c, "error": err})
         if cuda:

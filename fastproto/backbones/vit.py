@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastproto.backbones import Backbone
-from fastproto.ops import pre_norm
+from fastproto.ops import fc_gelu, pre_norm
 from fastproto.backbones.weights import dinov2_auto, find_checkpoint, load_checked, read_state_dict
 
 __all__ = ["DinoVisionTransformer", "Attention", "Block", "LayerScale", "Mlp", "SwiGLUFFN", "PatchEmbed",
@@ -86,16 +86,17 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc2(gelu(fc1(x)))``."""
+    """``fc2(gelu(fc1(x)))``; ``gelu(fc1(x))`` through :func:`fastproto.ops.fc_gelu` (one kernel on the GPU at
+    inference; the eager pair with ``impl="reference"`` or gradients)."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool = True):
+    def __init__(self, dim: int, hidden: int, bias: bool = True, impl: str = "auto"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.impl = impl
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(fc_gelu(self.fc1, x, impl=self.impl))
 
 
 class SwiGLUFFN(nn.Module):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastproto.ops import anomaly_map, cosine_mining_loss, image_score, pre_norm
+from fastproto.ops import anomaly_map, cosine_mining_loss, fc_gelu, image_score, pre_norm
 
 __all__ = [
     "LN_EPS",
@@ -57,22 +57,23 @@ class Mlp(nn.Module):
     ``input_dropout=True`` also drops the input (Dinomaly's ``bMlp``, the "noisy bottleneck":
     one ``nn.Dropout`` applied three times). ``forward(x, noise=False)`` skips every dropout even in
     training (Pro-AD passes its prototypes through the noisy bottleneck with dropout 0).
+    ``GELU(fc1(x))`` runs through :func:`fastproto.ops.fc_gelu` (fused at inference unless ``impl="reference"``).
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-                 drop: float = 0.0, input_dropout: bool = False):
+                 drop: float = 0.0, input_dropout: bool = False, impl: str = "auto"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
         self.drop = nn.Dropout(drop)
         self.input_dropout = input_dropout
+        self.impl = impl
 
     def forward(self, x: Tensor, noise: bool = True) -> Tensor:
         drop = self.drop if noise else _identity
         if self.input_dropout:
             x = drop(x)
-        return drop(self.fc2(drop(self.act(self.fc1(x)))))
+        return drop(self.fc2(drop(fc_gelu(self.fc1, x, impl=self.impl))))
 
 
 class AggregationAttention(nn.Module):

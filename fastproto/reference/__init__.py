@@ -9,3 +9,4 @@ from fastproto.reference import prototype  # noqa: F401,E402  (prototype attenti
 from fastproto.reference import losses  # noqa: F401,E402  (mining cosine / coherence loss reference)
 from fastproto.reference import sinkhorn  # noqa: F401,E402  (batched log-domain Sinkhorn reference)
 from fastproto.reference import layer_norm  # noqa: F401,E402  (residual add + LayerNorm reference)
+from fastproto.reference import linear_gelu  # noqa: F401,E402  (Linear + exact GELU reference)
