@@ -21,6 +21,7 @@ from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switc
 from fastproto.ops import LayerNorm, add_layer_norm, layer_norm
 
 _ref = importlib.import_module("fastproto.reference.layer_norm")
+ops_ln = importlib.import_module("fastproto.ops.layer_norm")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -378,7 +379,7 @@ def _interpreter_main(seed: int) -> None:
         int(torch.isnan(s).sum()) == 1
     # unsupported inputs: forced triton refuses with the reason
     for key, args in (("_float64_refused", (torch.randn(3, 8, dtype=torch.float64), None, None)),
-                      ("_wide_refused", (torch.randn(2, tm.MAX_C + 1), None, None))):
+                      ("_wide_refused", (torch.randn(2, ops_ln.MAX_C + 1), None, None))):
         try:
             layer_norm(*args, impl="triton")
             results[key] = False

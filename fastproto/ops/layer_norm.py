@@ -32,6 +32,7 @@ _ref = importlib.import_module("fastproto.reference.layer_norm")
 __all__ = ["add_layer_norm", "layer_norm", "pre_norm", "LayerNorm"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_C = 8192  # the Triton kernels hold whole rows in registers
 
 
 def _triton_module():
@@ -111,9 +112,8 @@ def _unsupported(x, tensors, out_dtype):
     bad = sorted(str(d) for d in dtypes if d not in _KERNEL_DTYPES)
     if bad:
         return f"the Triton kernels take float32/float16/bfloat16, got {', '.join(bad)}"
-    limit = _triton_module().MAX_C
-    if x.shape[-1] > limit:
-        return f"the Triton kernels hold whole rows of at most {limit} channels, got {x.shape[-1]}"
+    if x.shape[-1] > MAX_C:
+        return f"the Triton kernels hold whole rows of at most {MAX_C} channels, got {x.shape[-1]}"
     return None
 
 

@@ -17,7 +17,6 @@ the same way), without the float32 round trip through memory.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -49,16 +48,24 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     """Return ``(out, s)`` (see the module docstring); differentiable by autograd in every input."""
     sdtype = summed_dtype(x, residual, scale)
     out_dtype = out_dtype or default_out_dtype(sdtype, x.device)
-    # autocast off: the promotion rules above decide the dtypes, not autocast's op lists
-    with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext():
-        branch = x if scale is None else x * scale
-        s = branch if residual is None else residual + branch
-        s = s.to(sdtype)
-        ct = torch.promote_types(sdtype, torch.float32)
-        w = None if weight is None else weight.to(ct)
-        b = None if bias is None else bias.to(ct)
-        out = F.layer_norm(s.to(ct), (s.shape[-1],), w, b, eps).to(out_dtype)
-    return out, s
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        # autocast off: the promotion rules above decide the dtypes, not autocast's op lists
+        with torch.autocast(x.device.type, enabled=False):
+            return _add_layer_norm(x, residual, weight, bias, scale, eps, sdtype, out_dtype)
+    return _add_layer_norm(x, residual, weight, bias, scale, eps, sdtype, out_dtype)
+
+
+def _add_layer_norm(x, residual, weight, bias, scale, eps, sdtype, out_dtype):
+    s = x if scale is None else x * scale  # the eager block's order: residual + (branch * gamma)
+    if residual is not None:
+        s = residual + s
+    ct = torch.promote_types(sdtype, torch.float32)
+    out = F.layer_norm(_as(s, ct), (s.shape[-1],), _as(weight, ct), _as(bias, ct), eps)
+    return _as(out, out_dtype), s
+
+
+def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], *, eps: float = 1e-5,

@@ -21,9 +21,9 @@ Math, per row of C channels (``r`` the residual stream, ``x`` the branch, ``g`` 
                         The column sums are accumulated per program in float32 and written to a
                         [G, C] workspace that the host sums (deterministic, no atomics).
 
-Rows are read through a row stride (the last dim must be contiguous); C up to ``MAX_C`` (whole rows
-in registers). Use :func:`fastproto.ops.add_layer_norm` (validation, dispatch); the functions here
-assume validated 2-D inputs.
+Rows are read through a row stride (the last dim must be contiguous); whole rows are held in registers
+(the ops layer sends C <= ``fastproto.ops.layer_norm.MAX_C``). Use :func:`fastproto.ops.add_layer_norm`
+(validation, dispatch); the functions here assume validated 2-D inputs.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ import triton.language as tl
 
 from fastproto.triton import empty_output, interpreter_enabled
 
-MAX_C = 8192
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
