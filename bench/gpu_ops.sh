@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine call for the ops: optionally build the extension and run every GPU-marked test,
-# then time bench/ops.py (its arguments in BENCH_ARGS). Logs and the JSON rows go under $OUT.
+# then time bench/ops.py (its arguments in BENCH_ARGS) and bench/models.py (MODELS_ARGS). Logs and the JSON
+# rows go under $OUT.
 #   BUILD=1 TESTS=1 TAG=bf16 BENCH_ARGS="--dtype bfloat16" bash bench/gpu_ops.sh
+#   BENCH_ARGS="--dtype bfloat16 --only linear_gelu" MODELS_ARGS="--quick --models inpformer,proad" bash bench/gpu_ops.sh
 set -u
 OUT=${OUT:-/tmp/fastproto_gpu}; mkdir -p "$OUT"; TAG=${TAG:-run}
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -22,4 +24,10 @@ if [ -n "${BENCH_ARGS+x}" ]; then
   timeout ${BENCH_TIMEOUT:-300} python3 bench/ops.py --device cuda $BENCH_ARGS --json "$OUT/ops_$TAG.json" \
     > "$OUT/ops_$TAG.log" 2>&1
   echo "bench rc=$? in $(( $(date +%s) - start )) s"; cut -c1-170 "$OUT/ops_$TAG.log" | tail -${BENCH_TAIL:-60}
+fi
+if [ -n "${MODELS_ARGS+x}" ]; then
+  start=$(date +%s)
+  timeout ${MODELS_TIMEOUT:-300} python3 bench/models.py --device cuda $MODELS_ARGS --json "$OUT/models_$TAG.json" \
+    > "$OUT/models_$TAG.log" 2>&1
+  echo "models rc=$? in $(( $(date +%s) - start )) s"; cut -c1-170 "$OUT/models_$TAG.log" | tail -${MODELS_TAIL:-30}
 fi
