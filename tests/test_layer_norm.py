@@ -417,6 +417,30 @@ def _interpreter_main(seed: int) -> None:
                 key: [_rel_err(runs[impl][i], truth[i]) for impl in ("triton", "reference")]
                 for i, key in enumerate(("out", "grads"))} | {"low_precision": autocast}
     results["_blocks"] = blocks
+    # the DINOv2 stack, whose fused path chains the blocks (each boundary's residual and the next norm1 in one
+    # pass): the tapped outputs against reference mode (float32) and against float64 (bfloat16 autocast)
+    from fastproto.backbones.vit import dinov2
+
+    torch.manual_seed(seed)
+    vit = dinov2("vits14", True, embed_dim=32, depth=4, num_heads=2)
+    with torch.no_grad():
+        for q in vit.parameters():
+            q.add_(torch.randn(q.shape) * 0.1)
+    images = torch.randn(2, 3, 28, 28)
+    backbone = {}
+    for autocast in (False, True):
+        taps = {}
+        for impl in ("triton", "reference", "float64"):
+            if impl == "float64" and not autocast:
+                continue
+            net = copy.deepcopy(vit).double() if impl == "float64" else vit
+            net.set_impl("reference" if impl == "float64" else impl)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and impl != "float64"):
+                taps[impl] = torch.cat([t.double().reshape(-1) for t in net.forward_layers(
+                    images.double() if impl == "float64" else images, [0, 2, 3])])
+        truth = taps["float64" if autocast else "reference"]
+        backbone["bf16" if autocast else "fp32"] = [_rel_err(taps[impl], truth) for impl in ("triton", "reference")]
+    results["_backbone"] = backbone
     _interpreter.emit(results)
 
 
@@ -467,6 +491,15 @@ def test_triton_interpreter_blocks_match_reference_mode(interpreter_results):
             # luck); float32: fused vs reference mode
             bound = 2 * reference + 5e-3 if r["low_precision"] else 1e-5
             assert fused <= bound, f"{name}: {key} rel err {fused:.2e} > {bound:.2e} ({r}, seed={seed})"
+
+
+def test_triton_interpreter_chained_backbone_matches(interpreter_results):
+    seed, res = interpreter_results
+    fused, _ = res["_backbone"]["fp32"]
+    assert fused <= 1e-5, f"DINOv2 taps, fused vs reference mode: {fused:.2e} (seed={seed})"
+    fused, reference = res["_backbone"]["bf16"]
+    assert fused <= 2 * reference + 5e-3, f"DINOv2 taps under bf16 autocast vs float64: fused {fused:.2e}, " \
+        f"reference mode {reference:.2e} (seed={seed})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ class Block(nn.Module):
 
     ``impl="reference"`` runs these eager expressions; otherwise LayerScale, the residual add and the
     LayerNorms go through :func:`fastproto.ops.pre_norm` (one fused pass each, LayerNorm outputs in the
-    autocast dtype under autocast) and the last residual through one ``addcmul``.
+    autocast dtype under autocast): see :meth:`forward_normed`.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp",
@@ -139,11 +139,23 @@ class Block(nn.Module):
         if self.impl == "reference":
             x = x + self.ls1(self.attn(self.norm1(x)))
             return x + self.ls2(self.mlp(self.norm2(x)))
-        h = pre_norm(self.norm1, x, impl=self.impl)[0]
+        return self.forward_normed(x, pre_norm(self.norm1, x, impl=self.impl)[0])[0]
+
+    def forward_normed(self, x: Tensor, h: Tensor,
+                       next_norm: nn.LayerNorm | None = None) -> tuple[Tensor, Tensor | None]:
+        """The fused path, given ``h = norm1(x)``: ``(x', next_norm(x'))``, or ``(x', None)`` without ``next_norm``.
+
+        A stack of blocks passes the next block's ``norm1`` so that each boundary's LayerScale, residual add and
+        LayerNorm are one pass (the last residual is one ``addcmul``, autocast off so that the 16-bit branch is
+        not cast up first).
+        """
         h, x = pre_norm(self.norm2, self.attn(h), residual=x, scale=self.ls1.gamma, impl=self.impl)
         y = self.mlp(h)
-        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the 16-bit branch up first
-            return torch.addcmul(x, y, self.ls2.gamma)
+        if next_norm is not None:
+            h, x = pre_norm(next_norm, y, residual=x, scale=self.ls2.gamma, impl=self.impl)
+            return x, h
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.addcmul(x, y, self.ls2.gamma), None
 
 
 def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float = 0.1,
@@ -271,8 +283,15 @@ class DinoVisionTransformer(Backbone):
         x = self.prepare_tokens(images)
         wanted = set(layers)
         taken: dict[int, Tensor] = {}
-        for i, blk in enumerate(self.blocks[:max(layers) + 1]):
-            x = blk(x)
+        blocks = list(self.blocks[:max(layers) + 1])
+        h = None  # norm1 of x for the next block, when the previous fused block computed it with its residual
+        for i, blk in enumerate(blocks):
+            if blk.impl == "reference":
+                x, h = blk(x), None
+            else:
+                if h is None:
+                    h = pre_norm(blk.norm1, x, impl=blk.impl)[0]
+                x, h = blk.forward_normed(x, h, blocks[i + 1].norm1 if i + 1 < len(blocks) else None)
             if i in wanted:
                 taken[i] = x
         return [taken[i] for i in layers]
