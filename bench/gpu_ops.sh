@@ -4,6 +4,7 @@
 # rows go under $OUT.
 #   BUILD=1 TESTS=1 TAG=bf16 BENCH_ARGS="--dtype bfloat16" bash bench/gpu_ops.sh
 #   BENCH_ARGS="--dtype bfloat16 --only linear_gelu" MODELS_ARGS="--quick --models inpformer,proad" bash bench/gpu_ops.sh
+#   PROFILE=inpformer bash bench/gpu_ops.sh      # top GPU kernels of one B=64 forward, fused and reference
 set -u
 OUT=${OUT:-/tmp/fastproto_gpu}; mkdir -p "$OUT"; TAG=${TAG:-run}
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -30,4 +31,11 @@ if [ -n "${MODELS_ARGS+x}" ]; then
   timeout ${MODELS_TIMEOUT:-300} python3 bench/models.py --device cuda $MODELS_ARGS --json "$OUT/models_$TAG.json" \
     > "$OUT/models_$TAG.log" 2>&1
   echo "models rc=$? in $(( $(date +%s) - start )) s"; cut -c1-170 "$OUT/models_$TAG.log" | tail -${MODELS_TAIL:-30}
+fi
+if [ -n "${PROFILE:-}" ]; then
+  for mode in "" --reference; do
+    timeout ${PROFILE_TIMEOUT:-120} python3 bench/profile_model.py --model "$PROFILE" --batch 64 $mode \
+      > "$OUT/profile_${PROFILE}${mode}.log" 2>&1
+    echo "profile $PROFILE $mode rc=$?"; cut -c1-150 "$OUT/profile_${PROFILE}${mode}.log" | tail -${PROFILE_TAIL:-22}
+  done
 fi
