@@ -70,7 +70,8 @@ def info(print_out: bool = True) -> dict:
                 "cuda": "cuda" if _ext.has_op("histogram_update", "cuda") else "torch",
             },
             **{name: _op_implementations(name) for name in
-               ("anomaly_map", "add_layer_norm", "linear_attention", "prototype_attention", "route", "sinkhorn")},
+               ("anomaly_map", "add_layer_norm", "linear_gelu", "linear_attention", "prototype_attention", "route",
+                "sinkhorn")},
         },
     }
     if print_out:
