@@ -482,14 +482,29 @@ def test_triton_interpreter_nan_unsupported_module(interpreter_results):
     assert res["_module"] <= 1e-5, f"module rel err {res['_module']:.2e} (seed={seed})"
 
 
+#: The Triton interpreter converts float32 to bfloat16 by truncation (Triton 3.9: 2088 of 4096 random values
+#: differ from round-to-nearest, every one equal to the truncated value), where the GPU rounds to nearest; so a
+#: fused block's bfloat16 results carry up to about twice the rounding error under the interpreter. Over 16 seeds,
+#: against float64: fused at most 2.0e-2, and at most 2 x reference mode + 5.4e-3. Reference mode's own error is
+#: capped in the bound (_BF16_REF_CAP): INP-Former's decoder block in eager bf16 reached 0.53 on one seed (the
+#: fused attention computes in float32), which would make the bound useless. A real defect (a wrong eps, a missing
+#: gradient term) is 5e-2 or more.
+_BF16_SLACK = 1.5e-2
+_BF16_REF_CAP = 1.5e-2
+
+
+def _bf16_bound(reference: float) -> float:
+    return 2 * min(reference, _BF16_REF_CAP) + _BF16_SLACK
+
+
 def test_triton_interpreter_blocks_match_reference_mode(interpreter_results):
     seed, res = interpreter_results
     for name, r in res["_blocks"].items():
         for key in ("out", "grads"):
             fused, reference = r[key]
-            # bfloat16: no worse than the reference mode's own error against float64 (with slack for rounding
-            # luck); float32: fused vs reference mode
-            bound = 2 * reference + 5e-3 if r["low_precision"] else 1e-5
+            # float32: fused vs reference mode; bfloat16: against float64, within the reference mode's own error
+            # and the interpreter's extra rounding error (see _BF16_SLACK)
+            bound = _bf16_bound(reference) if r["low_precision"] else 1e-5
             assert fused <= bound, f"{name}: {key} rel err {fused:.2e} > {bound:.2e} ({r}, seed={seed})"
 
 
@@ -498,7 +513,7 @@ def test_triton_interpreter_chained_backbone_matches(interpreter_results):
     fused, _ = res["_backbone"]["fp32"]
     assert fused <= 1e-5, f"DINOv2 taps, fused vs reference mode: {fused:.2e} (seed={seed})"
     fused, reference = res["_backbone"]["bf16"]
-    assert fused <= 2 * reference + 5e-3, f"DINOv2 taps under bf16 autocast vs float64: fused {fused:.2e}, " \
+    assert fused <= _bf16_bound(reference), f"DINOv2 taps under bf16 autocast vs float64: fused {fused:.2e}, " \
         f"reference mode {reference:.2e} (seed={seed})"
 
 
