@@ -59,24 +59,38 @@ def main(test_file: str, cases) -> None:
 
 
 def model_deltas(runs: dict) -> dict:
-    """Differences of a model's ``runs["triton"]`` from ``runs["reference"]``, each ``(maps, loss parts, grads)``
-    (``maps``: a tensor or a dict of named maps; ``grads``: one flat tensor): per map and for the gradients the
-    max difference relative to the reference's max magnitude, per loss part the absolute difference."""
-    (m0, l0, g0), (m1, l1, g1) = runs["reference"], runs["triton"]
+    """Differences of a model's fused run from ``runs["reference"]`` (the other entry: ``"triton"`` under the
+    interpreter, ``"auto"`` on a GPU), each ``(maps, loss parts, grads)`` (``maps``: a tensor or a dict of named maps;
+    ``grads``: one flat tensor): per map and for the gradients the max difference relative to the reference's max
+    magnitude, per loss part the absolute difference."""
+    (m0, l0, g0), (m1, l1, g1) = runs["reference"], next(v for k, v in runs.items() if k != "reference")
     m0, m1 = ({"anomaly_map": m} if not isinstance(m, dict) else m for m in (m0, m1))
     return {"map_rel": {k: float((m1[k] - m0[k]).abs().max() / m0[k].abs().max()) for k in m0},
             "loss": {k: float((l1[k] - l0[k]).detach().abs()) for k in l0},
             "grad_rel": float((g1 - g0).abs().max() / g0.abs().max())}
 
 
-def check_model(test_file: str, maps=("anomaly_map",), map_tol: float = 1e-3, loss_tol: float = 1e-4,
-                grad_tol: float = 1e-3) -> None:
-    """A model test file's fused-vs-reference check: runs its child (the file's ``model_deltas`` emitter) with a
-    fresh seed and asserts the deltas (the seed in every message, so that a failure can be replayed): exactly
-    the ``maps`` compared, each within its tolerance. Skips without triton."""
-    seed = int.from_bytes(os.urandom(3), "little")
-    res = run(test_file, seed)
+def assert_deltas(res: dict, seed: int, maps=("anomaly_map",), map_tol: float = 1e-3, loss_tol: float = 1e-4,
+                  grad_tol: float = 1e-3) -> None:
+    """Exactly the ``maps`` compared, each and the loss parts and gradients within tolerance (the seed in every
+    message, so that a failure can be replayed)."""
     assert set(res["map_rel"]) == set(maps), f"{res} (seed={seed})"
     assert all(v <= map_tol for v in res["map_rel"].values()), f"{res} (seed={seed})"
     assert all(v <= loss_tol for v in res["loss"].values()), f"{res} (seed={seed})"
     assert res["grad_rel"] <= grad_tol, f"{res} (seed={seed})"
+
+
+def check_model(test_file: str, maps=("anomaly_map",), **tols) -> None:
+    """A model test file's fused-vs-reference check: runs its child (the file's ``model_deltas`` emitter) with a
+    fresh seed and asserts the deltas (:func:`assert_deltas`). Skips without triton."""
+    seed = int.from_bytes(os.urandom(3), "little")
+    assert_deltas(run(test_file, seed), seed, maps, **tols)
+
+
+def check_model_gpu(runs_fn, maps=("anomaly_map",), **tols) -> None:
+    """The same check on a GPU: ``runs_fn(seed, device="cuda", fused="auto")`` (the file's runs, with the kernels
+    ``impl="auto"`` picks on CUDA) against reference mode."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the kernels in the interpreter")
+    seed = int.from_bytes(os.urandom(3), "little")
+    assert_deltas(model_deltas(runs_fn(seed, device="cuda", fused="auto")), seed, maps, **tols)

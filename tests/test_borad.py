@@ -590,14 +590,14 @@ def _bias_before_norm(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def _interpreter_main(seed: int) -> None:
-    """Subprocess: impl="triton" (kernels interpreted on the CPU) vs "reference": the exported model's maps
-    and the training loss parts and gradients (same masking draws), on fresh random weights and inputs."""
+def _runs(seed: int, device: str = "cpu", fused: str = "triton") -> dict:
+    """impl=``fused`` vs "reference": the exported model's maps and the training loss parts and gradients (same
+    masking draws), on fresh random weights and inputs."""
     torch.manual_seed(seed)
-    base = tiny()
-    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    base = copy.deepcopy(tiny()).to(device)  # tiny() shares one teacher module across the tests: never moved
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)).to(device)
     runs = {}
-    for impl in ("reference", "triton"):
+    for impl in ("reference", fused):
         model = copy.deepcopy(base).set_impl(impl)  # a train-mode forward moves the BatchNorm statistics
         with torch.no_grad():
             amap = model.export().eval()(x)["anomaly_map"]
@@ -607,11 +607,22 @@ def _interpreter_main(seed: int) -> None:
         grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters()
                            if p.grad is not None and n not in _bias_before_norm(model)])
         runs[impl] = (amap, loss, grads)
-    _interpreter.emit(_interpreter.model_deltas(runs))
+    return runs
+
+
+def _interpreter_main(seed: int) -> None:
+    """Subprocess: the Triton kernels interpreted on the CPU."""
+    _interpreter.emit(_interpreter.model_deltas(_runs(seed)))
 
 
 def test_triton_model_matches_reference_under_interpreter():
     _interpreter.check_model(__file__)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_model_matches_reference():
+    _interpreter.check_model_gpu(_runs)
 
 
 if __name__ == "__main__":

@@ -374,14 +374,14 @@ def test_cnn_token_adapter():
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreter_main(seed: int) -> None:
-    """Subprocess: the model with impl="triton" (kernels interpreted on the CPU) vs "reference"."""
+def _runs(seed: int, device: str = "cpu", fused: str = "triton") -> dict:
+    """The model with impl=``fused`` vs "reference": maps, loss parts and gradients."""
     torch.manual_seed(seed)
     enc = backbones.create("dinov2_vits14_reg", pretrained=False, embed_dim=32, depth=4, num_heads=2)
-    model = randomize(models.create("dpdiff", backbone=enc, depth=1, num_heads=2, score_pool_size=4), 1)
-    x = images(0, b=1, side=28)
+    model = randomize(models.create("dpdiff", backbone=enc, depth=1, num_heads=2, score_pool_size=4), 1).to(device)
+    x = images(0, b=1, side=28).to(device)
     runs = {}
-    for impl in ("reference", "triton"):
+    for impl in ("reference", fused):
         model.set_impl(impl).zero_grad()
         with torch.no_grad():
             amap = model.eval()(x)["anomaly_map"]
@@ -389,11 +389,22 @@ def _interpreter_main(seed: int) -> None:
         loss = model.train().loss(x)
         loss["loss"].backward()
         runs[impl] = (amap, loss, torch.cat([p.grad.flatten() for p in model.trainable_parameters()]))
-    _interpreter.emit(_interpreter.model_deltas(runs))
+    return runs
+
+
+def _interpreter_main(seed: int) -> None:
+    """Subprocess: the Triton kernels interpreted on the CPU."""
+    _interpreter.emit(_interpreter.model_deltas(_runs(seed)))
 
 
 def test_triton_model_matches_reference_under_interpreter():
     _interpreter.check_model(__file__)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_model_matches_reference():
+    _interpreter.check_model_gpu(_runs)
 
 
 if __name__ == "__main__":

@@ -599,19 +599,24 @@ def test_cnn_token_adapter(cnn_encoder, name):
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreter_main(seed: int) -> None:
-    """Subprocess: each model with impl="triton" (kernels interpreted on the CPU) vs "reference"."""
+def _map_deltas(seed: int, device: str = "cpu", fused: str = "triton") -> dict:
+    """Each model with impl=``fused`` vs "reference": the max difference of the anomaly maps."""
     torch.manual_seed(seed)
     enc = backbones.create("dinov2_vits14_reg", pretrained=False, embed_dim=32, depth=12, num_heads=2)
-    x = images(0, h=28, w=28)
+    x = images(0, h=28, w=28).to(device)
     res = {}
     for name in NAMES:
-        model = randomize(tiny(name, enc, side=28), 1).eval()
+        model = randomize(tiny(name, enc, side=28), 1).to(device).eval()
         with torch.no_grad():
             ref = model.set_impl("reference")(x)["anomaly_map"]
-            fused = model.set_impl("triton")(x)["anomaly_map"]
-        res[name] = float((fused - ref).abs().max())
-    _interpreter.emit(res)
+            out = model.set_impl(fused)(x)["anomaly_map"]
+        res[name] = float((out - ref).abs().max())
+    return res
+
+
+def _interpreter_main(seed: int) -> None:
+    """Subprocess: the Triton kernels interpreted on the CPU."""
+    _interpreter.emit(_map_deltas(seed))
 
 
 def test_triton_models_match_reference_under_interpreter():
@@ -619,6 +624,17 @@ def test_triton_models_match_reference_under_interpreter():
     res = _interpreter.run(__file__, seed)  # skips without triton
     for name, err in res.items():
         assert err <= 1e-4, f"{name}: fused vs reference map differs by {err:.2e} (seed={seed})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_models_match_reference():
+    """The kernels impl="auto" picks on CUDA (float32: tf32x3 products in the Triton GEMMs) vs reference mode."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the kernels in the interpreter")
+    seed = int.from_bytes(os.urandom(3), "little")
+    for name, err in _map_deltas(seed, "cuda", "auto").items():
+        assert err <= 1e-3, f"{name}: fused vs reference map differs by {err:.2e} (seed={seed})"
 
 
 if __name__ == "__main__":

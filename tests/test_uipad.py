@@ -278,15 +278,15 @@ def test_decoder_input_is_validated(encoder):
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreter_main(seed: int) -> None:
-    """Subprocess: the model with impl="triton" (kernels interpreted on the CPU) vs "reference": maps, loss
-    parts and gradients, on fresh random weights and inputs."""
+def _runs(seed: int, device: str = "cpu", fused: str = "triton") -> dict:
+    """The model with impl=``fused`` vs "reference": maps, loss parts and gradients, on fresh random weights and
+    inputs."""
     torch.manual_seed(seed)
     enc = backbones.create("dinov2_vits14_reg", pretrained=False, embed_dim=32, depth=10, num_heads=2)
-    model = tiny(enc, seed=seed % 1000)
-    rgb, depth = pair(seed % 1000 + 1, b=1)
+    model = tiny(enc, seed=seed % 1000).to(device)
+    rgb, depth = (t.to(device) for t in pair(seed % 1000 + 1, b=1))
     runs = {}
-    for impl in ("reference", "triton"):
+    for impl in ("reference", fused):
         model.set_impl(impl).zero_grad()
         with torch.no_grad():
             out = model.eval()(rgb, depth)
@@ -294,11 +294,25 @@ def _interpreter_main(seed: int) -> None:
         loss["loss"].backward()
         grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
         runs[impl] = ({k: v for k, v in out.items() if k.startswith("anomaly_map")}, loss, grads)
-    _interpreter.emit(_interpreter.model_deltas(runs))
+    return runs
+
+
+def _interpreter_main(seed: int) -> None:
+    """Subprocess: the Triton kernels interpreted on the CPU."""
+    _interpreter.emit(_interpreter.model_deltas(_runs(seed)))
+
+
+_MAPS = ("anomaly_map", "anomaly_map_rgb", "anomaly_map_depth")
 
 
 def test_triton_model_matches_reference_under_interpreter():
-    _interpreter.check_model(__file__, maps=("anomaly_map", "anomaly_map_rgb", "anomaly_map_depth"))
+    _interpreter.check_model(__file__, maps=_MAPS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_model_matches_reference():
+    _interpreter.check_model_gpu(_runs, maps=_MAPS)
 
 
 if __name__ == "__main__":
