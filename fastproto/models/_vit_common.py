@@ -367,8 +367,8 @@ class ViTADModel(nn.Module):
         """Fused encoder tokens ``[B, N, C]`` -> (decoder block outputs in block order, extras)."""
         raise NotImplementedError
 
-    def features(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
-        """Encoder and decoder group maps ``[B, C, h, w]`` (one per group) and the model's extras."""
+    def _layer_tokens(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor], int,
+                                                     tuple[int, int]]:
         grid = self.encoder.grid_size(tuple(images.shape[-2:]))
         en_list = self.encoder.forward_layers(images, self.layers)
         prefix = self.encoder.num_prefix_tokens
@@ -376,22 +376,34 @@ class ViTADModel(nn.Module):
             en_list = [e[:, prefix:] for e in en_list]
             prefix = 0
         de_list, extras = self.decode(fuse(en_list))
-        de_list = de_list[::-1]
-        en = [tokens_to_map(fuse([en_list[i] for i in g]), prefix, grid) for g in self.groups]
-        de = [tokens_to_map(fuse([de_list[i] for i in g]), prefix, grid) for g in self.groups]
-        return en, de, extras
+        return en_list, de_list[::-1], extras, prefix, grid
 
-    def anomaly_map_from_features(self, en: Sequence[Tensor], de: Sequence[Tensor],
-                                  image_size: tuple[int, int]) -> Tensor:
-        """Per group ``1 - cos`` -> bilinear upsampling (align_corners=True) to ``image_size`` ->
-        mean over groups -> optional resize to ``output_size`` -> Gaussian blur; float32 [B, H, W]."""
-        return anomaly_map(list(en), list(de), tuple(image_size), sigma=self.sigma, kernel_size=self.kernel_size,
-                           eval_size=self.output_size, impl=self.impl)
+    def layer_maps(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        """The tapped encoder outputs and the decoder outputs, paired (decoder order reversed), as ``[B, C, h, w]``
+        views of the tokens (prefix tokens dropped), and the model's extras. Group ``g`` compares the means of
+        the pairs listed in ``groups[g]``."""
+        en, de, extras, prefix, grid = self._layer_tokens(images)
+        return [tokens_to_map(e, prefix, grid) for e in en], [tokens_to_map(d, prefix, grid) for d in de], extras
+
+    def features(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        """Encoder and decoder group maps ``[B, C, h, w]`` (one per group) and the model's extras."""
+        en, de, extras, prefix, grid = self._layer_tokens(images)
+        return ([tokens_to_map(fuse([en[i] for i in g]), prefix, grid) for g in self.groups],
+                [tokens_to_map(fuse([de[i] for i in g]), prefix, grid) for g in self.groups], extras)
+
+    def anomaly_map_from_features(self, en: Sequence[Tensor], de: Sequence[Tensor], image_size: tuple[int, int],
+                                  groups: Sequence[Sequence[int]] | None = None) -> Tensor:
+        """Per pair (or per group of pairs, averaged on each side) ``1 - cos`` -> bilinear upsampling
+        (align_corners=True) to ``image_size`` -> mean -> optional resize to ``output_size`` -> Gaussian blur;
+        float32 [B, H, W]."""
+        return anomaly_map(list(en), list(de), tuple(image_size), groups=groups, sigma=self.sigma,
+                           kernel_size=self.kernel_size, eval_size=self.output_size, impl=self.impl)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """``{"anomaly_map": [B, H, W] float32, "score": [B]}`` (call ``eval()`` first: dropout)."""
-        en, de, _ = self.features(images)
-        amap = self.anomaly_map_from_features(en, de, tuple(images.shape[-2:]))
+        """``{"anomaly_map": [B, H, W] float32, "score": [B]}`` (call ``eval()`` first: dropout). The group means
+        are taken inside :func:`fastproto.ops.anomaly_map` (on the fly in the fused kernel, never materialised)."""
+        en, de, _ = self.layer_maps(images)
+        amap = self.anomaly_map_from_features(en, de, tuple(images.shape[-2:]), groups=self.groups)
         score = image_score(amap, self.score_rule, topk=self.score_topk, pool_size=self.score_pool_size)
         return {"anomaly_map": amap, "score": score}
 
