@@ -1,7 +1,8 @@
 """Resources of every CUDA kernel as ptxas reports them (registers, stack frame, spills), for sm_90 with the
-extension's flags. Needs nvcc, no GPU: what a kernel keeps in registers and what goes to local memory is
-read here before any GPU time is spent (HOPPER.md: a run-time indexed array or a spill costs local-memory
-traffic).
+extension's flags, and of every Triton kernel as the ops launch it (compiled for sm_90 through the real host
+code by tests/test_triton_compile.py: registers, spills, shared memory, pipelined main loop, wgmma). Needs nvcc
+and triton, no GPU: what a kernel keeps in registers and what goes to local memory is read here before any GPU
+time is spent (HOPPER.md: a run-time indexed array or a spill costs local-memory traffic).
 
     python bench/kernel_resources.py [--out bench/RESULTS.md]
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import subprocess
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from metrics import write_section  # noqa: E402
 from tests.test_cuda_build import NVCC_FLAGS, ROOT, cuda_home  # noqa: E402
+from tests.test_triton_compile import _TAG as TRITON_TAG  # noqa: E402
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_\d+'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -75,6 +78,32 @@ def main(argv=None):
     print(body)
     if args.out:
         write_section(args.out, "kernel-resources", "CUDA kernel resources (ptxas, sm_90)", body)
+    triton_body = triton_report()
+    print(triton_body)
+    if args.out:
+        write_section(args.out, "triton-resources", "Triton kernel resources (compiled for sm_90 without a GPU)",
+                      triton_body)
+
+
+def triton_report() -> str:
+    """Every Triton kernel as the ops launch it (tests/test_triton_compile.py's calls, compiled for sm_90 through
+    the real host code): registers, spills, shared memory, and whether a main loop is pipelined / on wgmma."""
+    import triton
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "test_triton_compile.py"), "--compile"], env=env,
+                          capture_output=True, text=True, check=True)
+    rows = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith(TRITON_TAG)][-1][len(TRITON_TAG):])
+    lines = [f"Triton {triton.__version__}, sm_90 target, ptxas -v on the PTX; {datetime.date.today()}. One row per "
+             "compiled variant, in launch order (forward, then backward; autotuned kernels: every config). "
+             "Compile-time facts, no GPU run.", "",
+             "| kernel | registers | spill stores / loads (B) | shared (B) | pipelined main loop | wgmma |",
+             "|---|---:|---:|---:|:---:|:---:|"]
+    for k in rows:
+        lines.append(f"| `{k['name']}` | {k['registers']} | {k['spill_stores']} / {k['spill_loads']} | {k['shared']} | "
+                     f"{'yes' if k['async_copies'] else ''} | {'yes' if k['wgmma'] else ''} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
