@@ -98,7 +98,7 @@ def ptxas_report(kernel) -> dict:
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
         # Triton ships two ptxas; the PTX it emits may need the newer one
-        for tool in (knobs.nvidia.ptxas_blackwell, knobs.nvidia.ptxas):
+        for tool in filter(None, (getattr(knobs.nvidia, "ptxas_blackwell", None), knobs.nvidia.ptxas)):
             proc = subprocess.run([tool.path, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
                                   capture_output=True, text=True)
             if proc.returncode == 0:
