@@ -195,47 +195,60 @@ def _compiled_route(x, p, mode, tau, per_location):
 
 class _RouteNearestFn(torch.autograd.Function):
     """Forward by a kernel (Triton streaming min/argmin, or the compiled one); analytic backward in
-    PyTorch through the selected prototype only (O(B N C), the [B, N, M] matrix is not rebuilt)."""
+    PyTorch through the selected prototype only (O(B N C), the [B, N, M] matrix is not rebuilt).
+
+    With ``s`` the selected prototype, ``nx = max(|x|, eps)``, ``ns = max(|s|, eps)`` and the forward's
+    ``cos = 1 - dist``, the gradient of ``d = 1 - cos`` is, per token, a combination of two vectors::
+
+        dx = -g (s / (nx ns) - [|x| > eps] cos x / nx^2),   ds = -g (x / (nx ns) - [|s| > eps] cos s / ns^2)
+
+    (``d(v / max(|v|, eps))`` in closed form): per-token scalars, then one fused multiply-add per side, in the
+    compute dtype (float32, float64 for float64 inputs), with no normalised copies of x or s."""
 
     @staticmethod
     def forward(ctx, nearest, x, p, per_location):
         dist, idx = nearest(x, p, per_location)
-        ctx.save_for_backward(x, p, idx)
+        ctx.save_for_backward(x, p, idx, dist)
         ctx.per_location = per_location
         ctx.mark_non_differentiable(idx)
         return dist.to(x.dtype), idx
 
     @staticmethod
     def backward(ctx, ddist, _didx):
-        x, p, idx = ctx.saved_tensors
+        x, p, idx, dist = ctx.saved_tensors
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         eps = _ref.COS_EPS
-        xf, pf = x.to(cd), p.to(cd)
         B, N, C = x.shape
         # the selected prototype of every token, [B, N, C]; a per-location bank is indexed [N, B]
-        if pf.dim() == 2:
+        if p.dim() == 2:
             index = None
-            sel = pf[idx]
+            sel = p[idx]
         elif ctx.per_location:
             index = idx.t().unsqueeze(-1).expand(N, B, C)
-            sel = torch.gather(pf, 1, index).transpose(0, 1)
+            sel = torch.gather(p, 1, index).transpose(0, 1)
         else:
             index = idx.unsqueeze(-1).expand(B, N, C)
-            sel = torch.gather(pf, 1, index)
-        xn, xnorm = _normalize_fwd(xf, eps)
-        pn, pnorm = _normalize_fwd(sel, eps)
-        g = -ddist.to(cd).unsqueeze(-1)  # d(1 - cos) = -d cos
-        dx = _normalize_bwd(xn, xnorm, g * pn, eps)
-        dsel = _normalize_bwd(pn, pnorm, g * xn, eps)
+            sel = torch.gather(p, 1, index)
+        nx = torch.linalg.vector_norm(x, dim=-1, dtype=cd)
+        ns = torch.linalg.vector_norm(sel, dim=-1, dtype=cd)
+        nxc, nsc = nx.clamp_min(eps), ns.clamp_min(eps)
+        g = -ddist.to(cd)
+        cos = 1.0 - dist.to(cd)
+        cross = (g / (nxc * nsc)).unsqueeze(-1)
+        own_x = torch.where(nx > eps, -g * cos / (nxc * nxc), 0.0).unsqueeze(-1)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.addcmul(own_x * x, sel, cross, out=dx)  # computed in cd, rounded once to x's dtype
         dp = None
         if ctx.needs_input_grad[2]:  # p (inputs: the kernel, x, p, per_location)
-            dp = torch.zeros_like(pf)
-            if pf.dim() == 2:
+            own_s = torch.where(ns > eps, -g * cos / (nsc * nsc), 0.0).unsqueeze(-1)
+            dsel = torch.addcmul(own_s * sel, x, cross)
+            dp = torch.zeros(p.shape, dtype=cd, device=p.device)
+            if p.dim() == 2:
                 dp.index_add_(0, idx.reshape(-1), dsel.reshape(-1, C))
             else:
                 dp.scatter_add_(1, index, dsel.transpose(0, 1) if ctx.per_location else dsel)
             dp = dp.to(p.dtype)
-        return None, dx.to(x.dtype), dp, None
+        return None, dx, dp, None
 
 
 class _RouteSoftFn(torch.autograd.Function):
