@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -22,6 +24,15 @@ def warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def finite_number(op: str, name: str, value, *, allow_zero: bool = False) -> float:
+    """``value`` as a float after checking it is a finite real number > 0 (>= 0 with ``allow_zero``); a clear
+    error naming the op and the argument otherwise (bools refused)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+    if not (ok and (float(value) > 0 or (allow_zero and float(value) == 0))):
+        raise ValueError(f"{op}: {name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -16,15 +16,13 @@ otherwise. There is no compiled CUDA kernel for this op.
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastproto.ops._dispatch import autocast_dtype, device_guard, resolve_impl
+from fastproto.ops._dispatch import autocast_dtype, device_guard, finite_number, resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.layer_norm")
@@ -102,9 +100,7 @@ def _validate(op, x, residual, weight, bias, scale, eps, out_dtype) -> float:
             raise TypeError(f"{op}: {name} must have a floating dtype, got {t.dtype}")
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise TypeError(f"{op}: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(float(eps)) or eps < 0:
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return finite_number(op, "eps", eps, allow_zero=True)
 
 
 def _unsupported(x, tensors, out_dtype):

@@ -25,8 +25,6 @@ reference otherwise; unsupported inputs on CUDA fall back with a one-time warnin
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -35,7 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastproto import _ext
-from fastproto.ops._dispatch import device_guard, resolve_impl
+from fastproto.ops._dispatch import device_guard, finite_number, resolve_impl
 from fastproto.triton import empty_output
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
@@ -114,9 +112,7 @@ def _validate(q, k, v, phi, eps) -> float:
         raise ValueError(f"{op}: head dims must be positive, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if not isinstance(phi, str) or phi not in PHIS:
         raise ValueError(f"{op}: phi must be one of {PHIS}, got {phi!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(float(eps)) or eps < 0:
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return finite_number(op, "eps", eps, allow_zero=True)
 
 
 MAX_HEAD_DIM = 128  # must equal fastproto.triton.linear_attention.MAX_HEAD_DIM

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import math
 import numbers
 from typing import Optional, Tuple
 
 import torch
 
 from fastproto import _ext
-from fastproto.ops._dispatch import device_guard, resolve_impl
+from fastproto.ops._dispatch import device_guard, finite_number, resolve_impl
 from fastproto.triton import empty_output
 
 _ref = importlib.import_module("fastproto.reference.sinkhorn")
@@ -100,16 +99,6 @@ class _SinkhornFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_real(op, name, value, *, positive, allow_zero=False):
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
-    if ok:
-        ok = float(value) > 0 or (allow_zero and float(value) == 0)
-    if not ok:
-        need = "> 0" if not allow_zero else ">= 0"
-        raise ValueError(f"{op}: {name} must be a finite number {need}, got {value!r}")
-    return float(value)
-
-
 def _validate(op, cost, eps, n_iters, tol, a, b):
     if not isinstance(cost, torch.Tensor):
         raise TypeError(f"{op}: cost must be a torch.Tensor, got {type(cost).__name__}")
@@ -120,8 +109,8 @@ def _validate(op, cost, eps, n_iters, tol, a, b):
     B, N, K = cost.shape
     if N == 0 or K == 0:
         raise ValueError(f"{op}: cost must have N >= 1 rows and K >= 1 columns, got shape {tuple(cost.shape)}")
-    eps = _check_real(op, "eps", eps, positive=True)
-    tol = _check_real(op, "tol", tol, positive=True, allow_zero=True)
+    eps = finite_number(op, "eps", eps)
+    tol = finite_number(op, "tol", tol, allow_zero=True)
     if isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral) or n_iters < 1:
         raise ValueError(f"{op}: n_iters must be an integer >= 1, got {n_iters!r}")
     sums = {}
