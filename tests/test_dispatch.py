@@ -70,6 +70,18 @@ def test_forced_cuda_names_what_is_missing(available, monkeypatch):
         resolve("cuda", _inputs())
 
 
+def test_forced_triton_needs_cuda_tensors_outside_the_interpreter(available, monkeypatch):
+    available(triton=True, compiled=True)
+    monkeypatch.setattr(_dispatch._triton_pkg, "interpreter_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="impl='triton' needs CUDA tensors"):
+        resolve("triton", _inputs("cpu"))
+    monkeypatch.setattr(_dispatch._triton_pkg, "interpreter_enabled", lambda: True)  # tests: kernels on the CPU
+    assert resolve("triton", _inputs("cpu")) == "triton"
+    available(triton=False, compiled=True)
+    with pytest.raises(RuntimeError, match="triton package cannot be imported"):
+        resolve("triton", _inputs())
+
+
 def test_unsupported_inputs_fall_back_under_auto_and_raise_when_forced(available):
     available(triton=True, compiled=True)
     with pytest.warns(RuntimeWarning, match="using the reference"):
