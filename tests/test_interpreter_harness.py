@@ -1,0 +1,44 @@
+"""The interpreter harness itself (``tests/_interpreter.py``): its bfloat16 rounding is the GPU's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests import _interpreter
+
+
+def test_bfloat16_bits_round_to_nearest_even_like_torch(rng):
+    """Random magnitudes over the whole float32 range, exact ties (both parities), overflow to infinity,
+    subnormals, signed zeros and infinities: the same bits as torch's conversion; NaN stays NaN."""
+    magnitudes = np.clip(rng.standard_normal(20000) * 10.0 ** rng.uniform(-46, 39, 20000), -3.4e38, 3.4e38)
+    values = magnitudes.astype(np.float32)  # down to float32's subnormals (and zero below them)
+    ties = (rng.integers(0, 1 << 16, 2000).astype(np.uint32) << 16 | 0x8000).view(np.float32)
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, 3.3961e38, 3.4028235e38, 1e-45, -1e-45, 1.1754942e-38],
+                       dtype=np.float32)
+    values = np.concatenate([values, ties, special])
+    values = values[~np.isnan(values)]  # random tie patterns include NaNs; their payloads are checked below
+    want = torch.from_numpy(values).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    got = _interpreter.bfloat16_bits(values)
+    assert got.dtype == np.uint16 and np.array_equal(got, want), int((got != want).sum())
+    nan = _interpreter.bfloat16_bits(np.array([np.nan, -np.nan], dtype=np.float32))
+    assert torch.from_numpy(nan.view(np.int16)).view(torch.bfloat16).isnan().all()
+
+
+def test_the_interpreter_cast_rounds_after_the_patch():
+    """The patched interpreter builder converts float32 to bfloat16 by rounding (1 + 3/4 ulp rounds up; the
+    unpatched interpreter truncates it); other casts keep their behaviour; the patch applies once."""
+    pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    _interpreter.round_bfloat16_like_the_gpu()
+    _interpreter.round_bfloat16_like_the_gpu()
+    assert interpreter.InterpreterBuilder.cast_impl._rounds_to_nearest
+    builder = interpreter.InterpreterBuilder()
+    x = np.array([1.0 + 3 * 2.0 ** -9, -2.5, 7.0], dtype=np.float32)  # 1 + 3/4 bf16 ulp: rounds up
+    out = builder.cast_impl(interpreter.TensorHandle(x, tl.float32), tl.bfloat16)
+    assert out.dtype == tl.bfloat16
+    assert np.array_equal(out.data, torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16))
+    back = builder.cast_impl(out, tl.float32)
+    assert np.array_equal(back.data.view(np.float32), np.array([1.0078125, -2.5, 7.0], dtype=np.float32))
