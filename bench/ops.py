@@ -265,6 +265,19 @@ def cases(device, dtype, B, quick) -> List[Case]:
         {"fastproto": lambda x, r, g, w, b: ops.add_layer_norm(x, r, w, b, scale=g, eps=1e-6, out_dtype=dtype),
          "reference": lambda x, r, g, w, b: ref_ln.add_layer_norm(x, r, w, b, scale=g, eps=1e-6, out_dtype=dtype)},
         ["x", "r", "g", "w", "b"], floor_fwd=2 * td + 2 * tf, floor_bwd=(2 * td + 2 * tf) + (3 * td + 2 * tf)))
+    # ... and DPDiff-AD's DiT boundary (adaLN-Zero): 1024 tokens + 10 prototype positions, per-sample gate, shift and
+    #    scale in `dtype` (the adaLN Linear's output under autocast), affine-free LayerNorm, then modulate
+    xs, vs = (B, 1034, DIM), (B, 1, DIM)
+    td, tf = _nbytes(xs, dtype), _nbytes(xs, torch.float32)
+    out.append(Case(
+        "add_layer_norm (adaLN)", f"B={B} N=1034 C={DIM}, per-sample adaLN",
+        lambda: {"x": rand(*xs), "r": torch.randn(*xs, device=dev), "g": rand(*vs), "sh": rand(*vs),
+                 "ms": rand(*vs, scale=0.1)},
+        {"fastproto": lambda x, r, g, sh, ms: ops.add_layer_norm(x, r, None, None, scale=g, eps=1e-6, out_dtype=dtype,
+                                                                  modulation=(sh, ms)),
+         "reference": lambda x, r, g, sh, ms: ref_ln.add_layer_norm(x, r, None, None, scale=g, eps=1e-6,
+                                                                    out_dtype=dtype, modulation=(sh, ms))},
+        ["x", "r", "g", "sh", "ms"], floor_fwd=2 * td + 2 * tf, floor_bwd=(2 * td + 2 * tf) + (3 * td + 2 * tf)))
 
     # 6. Linear + exact GELU, a ViT-B MLP's fc1 (768 -> 3072) over B x 789 tokens: compute-bound (the floor is
     #    the larger of the bytes and the FLOPs at the measured cuBLAS rate). Inference op (forward only).

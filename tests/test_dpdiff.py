@@ -378,7 +378,7 @@ def _runs(seed: int, device: str = "cpu", fused: str = "triton") -> dict:
     """The model with impl=``fused`` vs "reference": maps, loss parts and gradients."""
     torch.manual_seed(seed)
     enc = backbones.create("dinov2_vits14_reg", pretrained=False, embed_dim=32, depth=4, num_heads=2)
-    model = randomize(models.create("dpdiff", backbone=enc, depth=1, num_heads=2, score_pool_size=4), 1).to(device)
+    model = randomize(models.create("dpdiff", backbone=enc, depth=2, num_heads=2, score_pool_size=4), 1).to(device)
     x = images(0, b=1, side=28).to(device)
     runs = {}
     for impl in ("reference", fused):

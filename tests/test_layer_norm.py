@@ -26,8 +26,9 @@ ops_ln = importlib.import_module("fastproto.ops.layer_norm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def _numpy_add_layer_norm(x, r, g, w, b, eps):
-    """float64 re-statement: s = r + g x, out = (s - mean) / sqrt(biased var + eps) * w + b."""
+def _numpy_add_layer_norm(x, r, g, w, b, eps, sh=None, ms=None):
+    """float64 re-statement: s = r + g x, out = ((s - mean) / sqrt(biased var + eps) * w + b) * (1 + ms) + sh
+    (g, sh, ms broadcast: [C] or one row per sample)."""
     s = x * g if g is not None else x.copy()
     if r is not None:
         s = s + r
@@ -38,6 +39,8 @@ def _numpy_add_layer_norm(x, r, g, w, b, eps):
         out = out * w
     if b is not None:
         out = out + b
+    if ms is not None:
+        out = out * (1 + ms) + sh
     return out, s
 
 
@@ -55,18 +58,29 @@ def _np(t):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("with_residual,with_scale,affine", [(True, True, True), (True, False, True),
-                                                             (False, False, True), (True, True, False)])
-def test_reference_matches_numpy_float64(with_residual, with_scale, affine, rng):
+def _vec(gen_or_rng, layout, shape, C):
+    """A [C] vector (``"channel"``) or one per sample, [B, 1, ..., C] (``"sample"``); None for None."""
+    if layout is None:
+        return None
+    sh = (C,) if layout == "channel" else (shape[0],) + (1,) * (len(shape) - 2) + (C,)
+    return torch.from_numpy(gen_or_rng.standard_normal(sh))
+
+
+@pytest.mark.parametrize("with_residual,scale,affine,modulation", [
+    (True, "channel", True, None), (True, None, True, None), (False, None, True, None), (True, "channel", False, None),
+    (True, "sample", False, "sample"), (False, None, True, "channel"), (True, "sample", True, "channel")])
+def test_reference_matches_numpy_float64(with_residual, scale, affine, modulation, rng):
     C = int(rng.integers(1, 200))
-    x = torch.from_numpy(rng.standard_normal((3, 7, C)))
-    r = torch.from_numpy(rng.standard_normal((3, 7, C)) * 3) if with_residual else None
-    g = torch.from_numpy(rng.standard_normal(C)) if with_scale else None
+    shape = (3, 7, C)
+    x = torch.from_numpy(rng.standard_normal(shape))
+    r = torch.from_numpy(rng.standard_normal(shape) * 3) if with_residual else None
+    g = _vec(rng, scale, shape, C)
     w = torch.from_numpy(rng.standard_normal(C)) if affine else None
     b = torch.from_numpy(rng.standard_normal(C)) if affine else None
+    sh, ms = _vec(rng, modulation, shape, C), _vec(rng, modulation, shape, C)
     eps = float(rng.uniform(1e-8, 1e-3))
-    out, s = _ref.add_layer_norm(x, r, w, b, scale=g, eps=eps)
-    out64, s64 = _numpy_add_layer_norm(*(_np(t) for t in (x, r, g, w, b)), eps)
+    out, s = _ref.add_layer_norm(x, r, w, b, scale=g, eps=eps, modulation=None if modulation is None else (sh, ms))
+    out64, s64 = _numpy_add_layer_norm(*(_np(t) for t in (x, r, g, w, b)), eps, _np(sh), _np(ms))
     assert out.dtype == s.dtype == torch.float64
     np.testing.assert_allclose(s.numpy(), s64, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out.numpy(), out64, rtol=1e-9, atol=1e-9)
@@ -88,6 +102,27 @@ def test_reference_equals_the_eager_block_expression(rng):
         out, s = _ref.add_layer_norm(y, x, norm.weight, norm.bias, scale=gamma, eps=1e-6)
         assert s.dtype == torch.float32 and torch.equal(s, s_eager)
         assert torch.equal(out, norm(s_eager))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_reference_equals_the_dit_expression(autocast, rng):
+    """DiT's ``h + gate * y`` then ``modulate(norm(h), shift, scale)`` (adaLN vectors per sample, bfloat16 under
+    autocast as the adaLN Linear gives them): the same bits, and ``F.layer_norm``'s output dtype promoted by the
+    modulation when ``out_dtype`` is None."""
+    from fastproto.models.dpdiff import modulate
+
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    C = 64
+    norm = nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)
+    h = torch.randn(3, 10, C, generator=gen)
+    low = torch.bfloat16 if autocast else torch.float32
+    y, gate, shift, scale = (torch.randn(*shape, generator=gen).to(low) for shape in ((3, 10, C),) + ((3, 1, C),) * 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        s_eager = h + gate * y
+        out_eager = modulate(norm(s_eager), shift, scale)
+        out, s = _ref.add_layer_norm(y, h, None, None, scale=gate, eps=1e-6, modulation=(shift, scale))
+    assert s.dtype == out.dtype == torch.float32
+    assert torch.equal(s, s_eager) and torch.equal(out, out_eager)
 
 
 def test_reference_dtypes_and_autocast_default():
@@ -116,6 +151,14 @@ def test_reference_gradcheck_float64(rng):
         return _ref.add_layer_norm(x, r, w, b, scale=g, eps=1e-5)
 
     assert torch.autograd.gradcheck(f, ins)
+    # adaLN: per-sample gate and modulation
+    ins = [torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+           for shape in ((2, 3, 9), (2, 3, 9), (2, 1, 9), (2, 1, 9), (2, 1, 9))]
+
+    def g(x, r, gate, shift, scale):
+        return _ref.add_layer_norm(x, r, None, None, scale=gate, eps=1e-5, modulation=(shift, scale))
+
+    assert torch.autograd.gradcheck(g, ins)
 
 
 def test_module_is_a_drop_in_layernorm(rng):
@@ -145,7 +188,13 @@ def test_bad_inputs():
         (dict(x=torch.randn(2, 0)), ValueError, "non-empty last"),
         (dict(residual=torch.randn(2, 3, 7)), ValueError, r"residual must have shape \(2, 3, 8\)"),
         (dict(weight=torch.ones(7)), ValueError, r"weight must have shape \(8,\)"),
-        (dict(scale=torch.ones(2, 8)), ValueError, r"scale must have shape \(8,\)"),
+        (dict(scale=torch.ones(2, 8)), ValueError, r"scale must have shape \(8,\) or \(2, 1, 8\)"),
+        (dict(modulation=torch.ones(8)), TypeError, r"modulation must be a \(shift, scale\) pair"),
+        (dict(modulation=(torch.ones(8), None)), TypeError, "modulation scale must be a torch.Tensor"),
+        (dict(modulation=(torch.ones(2, 3, 8), torch.ones(8))), ValueError, "modulation shift must have shape"),
+        (dict(modulation=(torch.ones(8), torch.ones(2, 1, 8))), ValueError, "shift and scale must have the same shape"),
+        (dict(modulation=(torch.ones(8), torch.ones(8, dtype=torch.int64))), TypeError,
+         "modulation scale must have a floating dtype"),
         (dict(bias=torch.zeros(8, dtype=torch.int64)), TypeError, "bias must have a floating dtype"),
         (dict(x=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, "x must have a floating dtype"),
         (dict(eps=-1.0), ValueError, "eps must be a finite number >= 0"),
@@ -155,7 +204,7 @@ def test_bad_inputs():
         (dict(residual=torch.randn(2, 3, 8, device="meta")), ValueError, "residual is on meta"),
     ]
     good = dict(x=x, residual=torch.randn(2, 3, 8), weight=w, bias=torch.zeros(8), scale=torch.ones(8), eps=1e-6,
-                out_dtype=None, impl="auto")
+                out_dtype=None, modulation=(torch.zeros(2, 1, 8), torch.zeros(2, 1, 8)), impl="auto")
     add_layer_norm(**{k: v for k, v in good.items() if k not in ("x", "residual", "weight", "bias")},
                    x=x, residual=good["residual"], weight=w, bias=good["bias"])
     for change, exc, msg in cases:
@@ -169,6 +218,10 @@ def test_auto_on_cpu_is_the_reference(rng):
     x, r = torch.randn(4, 10, generator=gen), torch.randn(4, 10, generator=gen)
     w, b, g = (torch.randn(10, generator=gen) for _ in range(3))
     for a, e in zip(add_layer_norm(x, r, w, b, scale=g), _ref.add_layer_norm(x, r, w, b, scale=g)):
+        assert torch.equal(a, e)
+    mod = (torch.randn(4, 10, generator=gen), torch.randn(4, 10, generator=gen))  # 2-D x: one vector per row
+    for a, e in zip(add_layer_norm(x, r, w, b, scale=mod[0], modulation=mod),
+                    _ref.add_layer_norm(x, r, w, b, scale=mod[0], modulation=mod)):
         assert torch.equal(a, e)
 
 
@@ -186,10 +239,61 @@ def _randomized(module, seed):
     return module
 
 
+class _DiTBlockAt(nn.Module):
+    """A DiT block with its token count fixed (the block harness passes tensors only)."""
+
+    def __init__(self, block, num_tokens):
+        super().__init__()
+        self.block, self.num_tokens = block, num_tokens
+
+    def forward(self, h, c):
+        return self.block(h, self.num_tokens, c)
+
+
+class _DiTAt(nn.Module):
+    """A DiT at a fixed step and token grid."""
+
+    def __init__(self, dit, t, grid):
+        super().__init__()
+        self.dit, self.t, self.grid = dit, t, grid
+
+    def forward(self, z):
+        return self.dit(z, self.t, self.grid)
+
+
+def _eager_dit_block(blk, h, n, c):
+    """DPDiff-AD's DiT block before the fusion: adaLN-Zero with eager LayerNorms, modulations and gated residuals."""
+    from fastproto.models.dpdiff import modulate
+
+    sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate, mlp_shift, mlp_scale, mlp_gate = \
+        blk.adaLN_modulation(c).unsqueeze(1).chunk(9, dim=-1)
+    h = h + sa_gate * blk.attn(modulate(blk.norm1(h), sa_shift, sa_scale))
+    y = modulate(blk.norm2(h), ca_shift, ca_scale)
+    tokens = h[:, :n] + ca_gate * blk.cross_attn(y[:, :n], y[:, n:])
+    h = torch.cat([tokens, h[:, n:]], dim=1)
+    return h + mlp_gate * blk.mlp(modulate(blk.norm3(h), mlp_shift, mlp_scale))
+
+
+def _eager_dit(wrapper, z):
+    from fastproto.models.dpdiff import modulate, sincos_pos_embed_2d, timestep_embedding
+
+    dit = wrapper.dit
+    n = z.shape[1] - dit.num_prototypes
+    pos = torch.cat([sincos_pos_embed_2d(dit.width, wrapper.grid), dit.proto_embed.float()], dim=0)
+    h = dit.x_embedder(z) + pos.to(z.dtype)
+    t = torch.full((z.shape[0],), wrapper.t)
+    c = dit.t_embedder(timestep_embedding(t, dit.frequency_dim).to(dit.t_embedder[0].weight.dtype))
+    for blk in dit.blocks:
+        h = _eager_dit_block(blk, h, n, c)
+    shift, scale = dit.adaLN_final(c).unsqueeze(1).chunk(2, dim=-1)
+    return dit.head(modulate(dit.norm_final(h), shift, scale))
+
+
 def _blocks(seed, dim=32, heads=2):
     """(name, block, eager forward re-stated from the pre-fusion code, inputs)."""
     from fastproto.backbones.vit import Block as VitBlock
     from fastproto.models._vit_common import AggregationAttention, Block
+    from fastproto.models.dpdiff import DiT, DiTBlock
     from fastproto.models.proad import BidirectionalBlock as ProBlock
     from fastproto.models.uipad import BidirectionalBlock as UipBlock
     from fastproto.ops import LinearCrossAttention, PrototypeAttention
@@ -230,6 +334,11 @@ def _blocks(seed, dim=32, heads=2):
         ("proad", _randomized(ProBlock(dim, LinearCrossAttention(dim, heads)), seed), proad, (x, ctx)),
         ("uipad", _randomized(UipBlock(dim, heads), seed), uipad, (x, p)),
         ("uipad_last", _randomized(UipBlock(dim, heads, update_prototypes=False), seed), uipad, (x, p)),
+        # DPDiff-AD: 9 tokens + 3 prototype positions; c the timestep vector
+        ("dit_block", _randomized(_DiTBlockAt(DiTBlock(dim, heads), 9), seed),
+         lambda b, h, c: _eager_dit_block(b.block, h, b.num_tokens, c), (torch.cat([x, p], 1), ctx[:, 0])),
+        ("dit_stack", _randomized(_DiTAt(DiT(dim, 3, width=dim, depth=2, num_heads=heads), 300, (3, 3)), seed),
+         _eager_dit, (torch.cat([x, p], 1),)),
     ]
 
 
@@ -270,6 +379,23 @@ INTERP_CASES = {
     "fp16_all": ((4, 21, 80), "float16", "float16", "float16", True, None, True),
     "fp16_all_fp32_out": ((4, 21, 80), "float16", "float16", "float16", True, "float32", False),
     "bf16_plain_ln_fp32_out": ((19, 40), "bfloat16", None, None, True, "float32", False),
+    "bf16_all": ((3, 10, 72), "bfloat16", "bfloat16", "bfloat16", True, None, False),  # 16-bit s, bit for bit
+    # adaLN (ADALN below): DiT under autocast; float32 with affine and strided rows; a shared modulation without
+    # residual; a float16 stream (LayerNorm output and modulation rounded to float16); 2-D x, one vector per row
+    "dit_bf16": ((2, 17, 96), "bfloat16", "float32", "bfloat16", False, "bfloat16", False),
+    "adaln_fp32_affine_strided": ((3, 11, 64), "float32", "float32", "float32", True, None, True),
+    "mod_shared_no_residual": ((4, 9, 48), "float32", None, None, True, None, False),
+    "adaln_fp16": ((2, 13, 40), "float16", "float16", "float16", False, None, False),
+    "per_row_2d": ((6, 24), "float32", "float32", "float32", True, None, False),
+}
+
+#: name -> (layout of scale, modulation dtype, modulation layout): "channel" [C], "sample" [B, 1, ..., C]
+ADALN = {
+    "dit_bf16": ("sample", "bfloat16", "sample"),
+    "adaln_fp32_affine_strided": ("sample", "float32", "sample"),
+    "mod_shared_no_residual": (None, "float32", "channel"),
+    "adaln_fp16": ("sample", "float16", "sample"),
+    "per_row_2d": ("sample", "float32", "sample"),
 }
 
 
@@ -286,19 +412,27 @@ def _interp_inputs(name, seed):
             t = wide[..., :C]
         return t.to(DTYPES[dt])
 
+    glayout, mdt, mlayout = ADALN.get(name, ("channel", None, None))
+    per_sample = (shape[0],) + (1,) * (len(shape) - 2) + (C,)
     x = make(shape, xdt, 1e-3 if "tiny" in name else 1.0)
     r = make(shape, rdt, 3.0) if rdt else None
-    g = (torch.rand(C, generator=gen) + 0.5).to(DTYPES[gdt]) if gdt else None
+    g = (torch.rand(per_sample if glayout == "sample" else (C,), generator=gen) + 0.5).to(DTYPES[gdt]) if gdt else None
     w = torch.randn(C, generator=gen) if affine else None
     b = torch.randn(C, generator=gen) if affine else None
-    return x, r, g, w, b, (DTYPES[odt] if odt else None)
+    mod = None
+    if mdt:
+        vec = per_sample if mlayout == "sample" else (C,)
+        mod = (torch.randn(vec, generator=gen).to(DTYPES[mdt]), (0.5 * torch.randn(vec, generator=gen)).to(DTYPES[mdt]))
+    return x, r, g, w, b, (DTYPES[odt] if odt else None), mod
 
 
-def _run(x, r, g, w, b, out_dtype, impl, dout, ds):
-    """Forward, then gradients of ``sum(out * dout) + sum(s * ds)`` for every tensor input."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, r, g, w, b)]
-    lx, lr, lg, lw, lb = leaves
-    out, s = add_layer_norm(lx, lr, lw, lb, scale=lg, eps=1e-6, out_dtype=out_dtype, impl=impl)
+def _run(x, r, g, w, b, out_dtype, impl, dout, ds, mod=None):
+    """Forward, then gradients of ``sum(out * dout) + sum(s * ds)`` for every tensor input (x, r, g, w, b, then the
+    modulation's shift and scale)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, r, g, w, b, *(mod or ()))]
+    lx, lr, lg, lw, lb = leaves[:5]
+    out, s = add_layer_norm(lx, lr, lw, lb, scale=lg, eps=1e-6, out_dtype=out_dtype, impl=impl,
+                            modulation=None if mod is None else tuple(leaves[5:]))
     loss = (out.double() * dout).sum()
     if ds is not None:
         loss = loss + (s.double() * ds).sum()
@@ -317,21 +451,23 @@ def _interpreter_main(seed: int) -> None:
                                    for k in (tm._add_ln_fwd_kernel, tm._add_ln_bwd_kernel))}
     for i, name in enumerate(INTERP_CASES):
         try:
-            x, r, g, w, b, odt = _interp_inputs(name, seed + i)
+            x, r, g, w, b, odt, mod = _interp_inputs(name, seed + i)
             gen = torch.Generator().manual_seed(seed + 100 + i)
             dout = torch.randn(x.shape, generator=gen, dtype=torch.float64)
             has_s = r is not None or g is not None
             ds = torch.randn(x.shape, generator=gen, dtype=torch.float64) if has_s else None
-            o_t, s_t, g_t, s_is_x = _run(x, r, g, w, b, odt, "triton", dout, ds)
+            o_t, s_t, g_t, s_is_x = _run(x, r, g, w, b, odt, "triton", dout, ds, mod)
             # float64 truth: the reference on the same values upcast (the 16-bit rounding of s is the kernel's
             # business and within the 16-bit tolerance)
             up = [None if t is None else t.double() for t in (x, r, g, w, b)]
-            o_64, s_64, g_64, _ = _run(*up, torch.float64, "reference", dout, ds)
-            o_r, s_r, _, _ = _run(x, r, g, w, b, odt, "reference", dout, ds)
-            want_out_dtype = odt or _ref.summed_dtype(x, r, g)
+            mod64 = None if mod is None else tuple(t.double() for t in mod)
+            o_64, s_64, g_64, _ = _run(*up, torch.float64, "reference", dout, ds, mod64)
+            o_r, s_r, _, _ = _run(x, r, g, w, b, odt, "reference", dout, ds, mod)
+            want_out_dtype = odt or _ref.modulated_dtype(_ref.summed_dtype(x, r, g), mod)
+            inputs = [t for t in (x, r, g, w, b, *(mod or ())) if t is not None]
             results[name] = {
                 "dtypes_ok": o_t.dtype == o_r.dtype == want_out_dtype and s_t.dtype == s_r.dtype
-                and all(a.dtype == t.dtype for a, t in zip(g_t, [t for t in (x, r, g, w, b) if t is not None])),
+                and all(a.dtype == t.dtype and a.shape == t.shape for a, t in zip(g_t, inputs)),
                 "finite": bool(torch.isfinite(o_t).all()) and all(bool(torch.isfinite(a).all()) for a in g_t),
                 "out": _rel_err(o_t, o_64), "out_vs_ref": _rel_err(o_t, o_r), "s": _rel_err(s_t, s_64),
                 "out_fp32": o_t.dtype == torch.float32,
@@ -339,14 +475,13 @@ def _interpreter_main(seed: int) -> None:
                 # 16-bit s: every step rounds as the eager expression does (no contraction possible), so equal bits
                 "s_exact": torch.equal(s_t, s_r) if s_t.dtype in (torch.float16, torch.bfloat16) else None,
                 "grads": [_rel_err(a, e, 1e-3) for a, e in zip(g_t, g_64)],
-                "low_precision": any(t is not None and t.dtype != torch.float32 for t in (x, r, g)) or
-                odt not in (None, torch.float32),
+                "low_precision": any(t.dtype != torch.float32 for t in inputs) or odt not in (None, torch.float32),
             }
         except Exception as exc:  # noqa: BLE001  (report; the parent test fails with the message)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
     # only s used downstream (no gradient reaches out), and only out used (none reaches s); an input the used
     # output does not depend on gets None from the reference and zeros from the kernels
-    x, r, g, w, b, _ = _interp_inputs("fp32_full", seed)
+    x, r, g, w, b, _, _ = _interp_inputs("fp32_full", seed)
     ds = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 7))
     partial = {}
     for use in ("s", "out"):
@@ -360,7 +495,7 @@ def _interpreter_main(seed: int) -> None:
         partial[use] = [_rel_err(a, e, 1e-3) for a, e in zip(*per_impl)]
     results["_partial"] = partial
     # a NaN in one element gives NaN in exactly its row
-    x, r, g, w, b, _ = _interp_inputs("fp32_full", seed)
+    x, r, g, w, b, _, _ = _interp_inputs("fp32_full", seed)
     x = x.clone()
     x[1, 4, 7] = float("nan")
     out, s = add_layer_norm(x, r, w, b, scale=g, impl="triton")
@@ -468,19 +603,17 @@ def test_triton_interpreter_nan_unsupported_module(interpreter_results):
     assert res["_module"] <= 1e-5, f"module rel err {res['_module']:.2e} (seed={seed})"
 
 
-#: The Triton interpreter converts float32 to bfloat16 by truncation (Triton 3.9: 2088 of 4096 random values
-#: differ from round-to-nearest, every one equal to the truncated value), where the GPU rounds to nearest; so a
-#: fused block's bfloat16 results carry up to about twice the rounding error under the interpreter. Over 16 seeds,
-#: against float64: fused at most 2.0e-2, and at most 2 x reference mode + 5.4e-3. Reference mode's own error is
-#: capped in the bound (_BF16_REF_CAP): INP-Former's decoder block in eager bf16 reached 0.53 on one seed (the
-#: fused attention computes in float32), which would make the bound useless. A real defect (a wrong eps, a missing
-#: gradient term) is 5e-2 or more.
-_BF16_SLACK = 1.5e-2
-_BF16_REF_CAP = 1.5e-2
+#: bfloat16 blocks are compared with a float64 block, fused and reference mode alike; the fused error must stay
+#: within twice reference mode's (+ 2e-3 for when that is tiny). The children round float32 -> bfloat16 to nearest
+#: as the GPU does (``_interpreter.round_bfloat16_like_the_gpu``). Over 16 seeds the fused error was at most 1.84x
+#: reference mode's, equal in most blocks. Some bfloat16 gradients are ill-conditioned on both paths (DiT's adaLN
+#: parameters, INP-Former's ReLU-cosine attention: up to 0.5 off float64), so correctness rests on the float32
+#: comparisons (1e-5); this one checks that fusing costs no accuracy.
+_BF16_SLACK = 2e-3
 
 
 def _bf16_bound(reference: float) -> float:
-    return 2 * min(reference, _BF16_REF_CAP) + _BF16_SLACK
+    return 2 * reference + _BF16_SLACK
 
 
 def test_triton_interpreter_blocks_match_reference_mode(interpreter_results):
@@ -489,7 +622,7 @@ def test_triton_interpreter_blocks_match_reference_mode(interpreter_results):
         for key in ("out", "grads"):
             fused, reference = r[key]
             # float32: fused vs reference mode; bfloat16: against float64, within the reference mode's own error
-            # and the interpreter's extra rounding error (see _BF16_SLACK)
+            # (see _BF16_SLACK)
             bound = _bf16_bound(reference) if r["low_precision"] else 1e-5
             assert fused <= bound, f"{name}: {key} rel err {fused:.2e} > {bound:.2e} ({r}, seed={seed})"
 
@@ -510,29 +643,43 @@ def test_triton_interpreter_chained_backbone_matches(interpreter_results):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("branch_dtype,out_dtype,tol", [(torch.float32, None, 1e-5),
-                                                        (torch.bfloat16, torch.bfloat16, 1e-2)])
-def test_gpu_matches_reference_real_shapes(branch_dtype, out_dtype, tol, rng, poisoned):
-    """A ViT-B block's glue at B=16, N=789, C=768: bfloat16 branch on a float32 residual stream (autocast) and
-    all-float32, forward and backward vs the float64 reference; impl="auto" takes Triton."""
+@pytest.mark.parametrize("layout,branch_dtype,out_dtype,tol", [
+    ("layerscale", torch.float32, None, 1e-5), ("layerscale", torch.bfloat16, torch.bfloat16, 1e-2),
+    ("adaln", torch.float32, None, 1e-5), ("adaln", torch.bfloat16, torch.bfloat16, 1e-2)])
+def test_gpu_matches_reference_real_shapes(layout, branch_dtype, out_dtype, tol, rng, poisoned):
+    """A ViT-B block's glue at B=16, N=789, C=768 (LayerScale, affine LayerNorm) and DPDiff-AD's DiT boundary at
+    B=16, N=1034 (per-sample gate and modulation in the branch dtype, affine-free): a bfloat16 branch on a float32
+    residual stream (autocast) and all-float32, forward and backward vs the float64 reference; impl="auto" takes
+    Triton."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 would run the kernels in the interpreter")
     if not _triton_pkg.is_available():
         pytest.skip("triton is not installed")
     seed = int(rng.integers(1 << 31))
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    shape, C = (16, 789, 768), 768
+    C = 768
+    shape = (16, 789, C) if layout == "layerscale" else (16, 1034, C)
     x = torch.randn(shape, device="cuda", generator=gen).to(branch_dtype)
     r = torch.randn(shape, device="cuda", generator=gen) * 3
-    g, w, b = (torch.randn(C, device="cuda", generator=gen) for _ in range(3))
+    if layout == "layerscale":
+        g, w, b = (torch.randn(C, device="cuda", generator=gen) for _ in range(3))
+        mod = None
+    else:
+        g = torch.randn(16, 1, C, device="cuda", generator=gen).to(branch_dtype)
+        w = b = None
+        mod = tuple((torch.randn(16, 1, C, device="cuda", generator=gen) * 0.3).to(branch_dtype) for _ in range(2))
     dout = torch.randn(shape, device="cuda", generator=gen, dtype=torch.float64)
     ds = torch.randn(shape, device="cuda", generator=gen, dtype=torch.float64)
-    o_t, s_t, g_t, _ = _run(x, r, g, w, b, out_dtype, "auto", dout, ds)
-    o_64, s_64, g_64, _ = _run(*(t.double() for t in (x, r, g, w, b)), torch.float64, "reference", dout, ds)
+    o_t, s_t, g_t, _ = _run(x, r, g, w, b, out_dtype, "auto", dout, ds, mod)
+    up = [None if t is None else t.double() for t in (x, r, g, w, b)]
+    o_64, s_64, g_64, _ = _run(*up, torch.float64, "reference", dout, ds,
+                               None if mod is None else tuple(t.double() for t in mod))
     assert o_t.dtype == (out_dtype or torch.float32) and s_t.dtype == torch.float32, f"seed={seed}"
-    for key, a, e in (("out", o_t, o_64), ("s", s_t, s_64), *zip(("dx", "dr", "dg", "dw", "db"), g_t, g_64)):
+    names = ("dx", "dr", "dg", "dw", "db") if mod is None else ("dx", "dr", "dgate", "dshift", "dscale")
+    assert len(g_t) == len(g_64) == len(names)
+    for key, a, e in (("out", o_t, o_64), ("s", s_t, s_64), *zip(names, g_t, g_64)):
         err = _rel_err(a, e, 1e-12)
-        assert err <= tol, f"{key}: rel err {err:.2e} > {tol} (seed={seed})"
+        assert err <= tol, f"{layout} {key}: rel err {err:.2e} > {tol} (seed={seed})"
 
 
 if __name__ == "__main__":

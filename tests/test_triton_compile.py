@@ -76,6 +76,11 @@ def _child() -> None:
                                     leaf(768, dtype=torch.float32), leaf(768, dtype=torch.float32),
                                     scale=leaf(768, dtype=torch.float32), out_dtype=torch.bfloat16, impl="triton")
         (out.float().sum() + s.sum()).backward()
+        # DiT's adaLN-Zero boundary: per-sample gate and modulation, affine-free norm
+        out, s = ops.add_layer_norm(leaf(2, 34, 768), leaf(2, 34, 768, dtype=torch.float32), None, None,
+                                    scale=leaf(2, 1, 768), modulation=(leaf(2, 1, 768), leaf(2, 1, 768)),
+                                    eps=1e-6, out_dtype=torch.bfloat16, impl="triton")
+        (out.float().sum() + s.sum()).backward()
         with torch.no_grad():
             ops.linear_gelu(torch.randn(2, 33, 768).bfloat16(), torch.randn(3072, 768).bfloat16(),
                             torch.randn(3072).bfloat16(), impl="triton")

@@ -75,6 +75,7 @@ from fastproto.ops import (
     gaussian_blur,
     image_score,
     ot_alignment_loss,
+    pre_norm,
     prototype_attention,
 )
 
@@ -221,9 +222,12 @@ class DiTBlock(nn.Module):
     three sub-layers: self-attention over the whole sequence; cross-attention of the first ``N``
     (token) positions to the last ``M`` (prototype) positions, which it leaves unchanged; the MLP.
     Norms are affine-free LayerNorms (eps 1e-6), as DiT.
+
+    ``impl="reference"`` runs the eager expressions; otherwise each sub-layer boundary (gated residual add,
+    LayerNorm, ``modulate``) is one :func:`fastproto.ops.pre_norm` pass (see :meth:`forward_normed`).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, impl: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)  # the ViT block's packed-qkv SDPA attention
@@ -232,15 +236,48 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+        self.impl = impl
+
+    def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
+        """The nine ``[B, 1, W]`` vectors of ``c``: (shift, scale, gate) of self-attention, cross-attention, MLP."""
+        return self.adaLN_modulation(c).unsqueeze(1).chunk(9, dim=-1)
 
     def forward(self, h: Tensor, num_tokens: int, c: Tensor) -> Tensor:
-        (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate,
-         mlp_shift, mlp_scale, mlp_gate) = self.adaLN_modulation(c).unsqueeze(1).chunk(9, dim=-1)
+        mods = self.modulation(c)
+        if self.impl != "reference":
+            y = pre_norm(self.norm1, h, modulation=mods[0:2], impl=self.impl)[0]
+            return self.forward_normed(h, y, num_tokens, mods)[0]
+        (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate, mlp_shift, mlp_scale, mlp_gate) = mods
         h = h + sa_gate * self.attn(modulate(self.norm1(h), sa_shift, sa_scale))
         y = modulate(self.norm2(h), ca_shift, ca_scale)
         tokens = h[:, :num_tokens] + ca_gate * self.cross_attn(y[:, :num_tokens], y[:, num_tokens:])
         h = torch.cat([tokens, h[:, num_tokens:]], dim=1)
         return h + mlp_gate * self.mlp(modulate(self.norm3(h), mlp_shift, mlp_scale))
+
+    def forward_normed(self, h: Tensor, y: Tensor, num_tokens: int, mods: Sequence[Tensor],
+                       next_norm: tuple[nn.LayerNorm, Sequence[Tensor]] | None = None) -> tuple[Tensor, Tensor | None]:
+        """The fused path, given ``y = modulate(norm1(h), ...)`` and ``mods = modulation(c)``: ``(h', y')`` with
+        ``y' = modulate(norm(h'), shift, scale)`` for ``next_norm = (norm, (shift, scale))``, else ``(h', None)``.
+
+        Each boundary (gated residual add, LayerNorm, modulation) is one pass. The cross-attention output is
+        zero-padded over the prototype positions so that its residual add is one too (``h + gate * 0`` leaves
+        them as they are). A DiT passes the next block's ``norm1`` and modulation; the last residual is one
+        ``addcmul`` with autocast off (the 16-bit branch is not cast up first).
+        """
+        sa_gate, ca_shift, ca_scale, ca_gate, mlp_shift, mlp_scale, mlp_gate = mods[2:]
+        y, h = pre_norm(self.norm2, self.attn(y), residual=h, scale=sa_gate, modulation=(ca_shift, ca_scale),
+                        impl=self.impl)
+        cross = self.cross_attn(y[:, :num_tokens], y[:, num_tokens:])
+        cross = F.pad(cross, (0, 0, 0, h.shape[1] - num_tokens))
+        y, h = pre_norm(self.norm3, cross, residual=h, scale=ca_gate, modulation=(mlp_shift, mlp_scale),
+                        impl=self.impl)
+        out = self.mlp(y)
+        if next_norm is not None:
+            norm, modulation = next_norm
+            y, h = pre_norm(norm, out, residual=h, scale=mlp_gate, modulation=tuple(modulation), impl=self.impl)
+            return h, y
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.addcmul(h, out, mlp_gate), None
 
 
 class DiT(nn.Module):
@@ -255,8 +292,9 @@ class DiT(nn.Module):
     """
 
     def __init__(self, in_dim: int, num_prototypes: int, *, width: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, frequency_dim: int = 256):
+                 mlp_ratio: float = 4.0, frequency_dim: int = 256, impl: str = "auto"):
         super().__init__()
+        self.impl = impl
         if width % 4:
             raise ValueError(f"DiT: width must be a multiple of 4 (2-D sin-cos embedding), got {width}")
         if depth < 1:
@@ -296,11 +334,21 @@ class DiT(nn.Module):
             t = torch.full((B,), t, device=z.device)
         pos = torch.cat([sincos_pos_embed_2d(self.width, grid, z.device), self.proto_embed.float()], dim=0)
         h = self.x_embedder(z) + pos.to(z.dtype)
-        c = self.t_embedder(timestep_embedding(t, self.frequency_dim))
-        for blk in self.blocks:
-            h = blk(h, n, c)
-        shift, scale = self.adaLN_final(c).unsqueeze(1).chunk(2, dim=-1)
-        return self.head(modulate(self.norm_final(h), shift, scale))
+        # the sinusoid in the embedder's dtype: a float64 (or 16-bit) DiT takes it as is
+        c = self.t_embedder(timestep_embedding(t, self.frequency_dim).to(self.t_embedder[0].weight.dtype))
+        final = self.adaLN_final(c).unsqueeze(1).chunk(2, dim=-1)  # (shift, scale)
+        if self.impl == "reference":
+            for blk in self.blocks:
+                h = blk(h, n, c)
+            return self.head(modulate(self.norm_final(h), *final))
+        # fused: each block boundary's gated residual, the next norm and its modulation in one pass
+        mods = [blk.modulation(c) for blk in self.blocks]
+        y = pre_norm(self.blocks[0].norm1, h, modulation=mods[0][0:2], impl=self.impl)[0]
+        for i, blk in enumerate(self.blocks):
+            following = ((self.blocks[i + 1].norm1, mods[i + 1][0:2]) if i + 1 < len(self.blocks)
+                         else (self.norm_final, final))
+            h, y = blk.forward_normed(h, y, n, mods[i], next_norm=following)
+        return self.head(y)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 ``add_layer_norm(x, residual, weight, bias, scale=gamma)`` returns ``(out, s)`` with
 ``s = residual + gamma * x`` (the new residual stream) and ``out = LayerNorm(s)`` (the next branch's
-input); ``layer_norm`` is the same without the residual. In a ViT block under bfloat16 autocast the
+input); ``layer_norm`` is the same without the residual. DiT's adaLN-Zero blocks are covered too: the
+branch scale may be a per-sample gate ``[B, 1, C]`` and ``modulation=(shift, scale)`` applies
+``modulate(LayerNorm(s), shift, scale) = LayerNorm(s) * (1 + scale) + shift`` in the same pass. In a ViT block under bfloat16 autocast the
 eager path spends more time on these element-wise passes than on attention: LayerScale, the residual add,
 LayerNorm (float32 under autocast) and the cast to bfloat16 for the next Linear each read and write the
 float32 token tensor. The fused kernel reads ``x`` and ``residual`` once and writes ``s`` and ``out``
@@ -40,37 +42,45 @@ def _triton_module():
 
 
 class _AddLayerNormFn(torch.autograd.Function):
-    """Triton forward and analytic backward on 2-D ``[R, C]`` inputs. Returns ``(out, s)``; ``s`` is None
-    without residual and scale (it would be ``x`` itself)."""
+    """Triton forward and analytic backward on 2-D ``[R, C]`` inputs (``scale``, ``shift``, ``mscale``: ``[C]`` or
+    one row per group of ``rows_per_group`` rows). Returns ``(out, s)``; ``s`` is None without residual and
+    scale (it would be ``x`` itself)."""
 
     @staticmethod
-    def forward(ctx, x, residual, scale, weight, bias, eps, out_dtype):
+    def forward(ctx, x, residual, scale, weight, bias, shift, mscale, eps, rows_per_group, ln_dtype, out_dtype):
         branch_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
         sdtype = _ref.summed_dtype(x, residual, scale)
-        out, s, mean, rstd = _triton_module().forward(x, residual, scale, weight, bias, eps, branch_dtype, sdtype,
-                                                      out_dtype)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+        modulation = None if shift is None else (shift, mscale)
+        out, s, mean, rstd = _triton_module().forward(
+            x, residual, scale, weight, bias, shift, mscale, eps, rows_per_group, branch_dtype=branch_dtype,
+            sdtype=sdtype, ln_dtype=ln_dtype, mod_dtype=_ref.modulated_dtype(ln_dtype, modulation),
+            out_dtype=out_dtype)
+        ctx.rows_per_group, ctx.ln_dtype = rows_per_group, ln_dtype
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype, None if bias is None else bias.dtype,
+                      None if shift is None else shift.dtype)
         keep_x = scale is not None and ctx.needs_input_grad[2]
-        ctx.save_for_backward(x if s is None else s, x if keep_x else None, scale, weight, mean, rstd)
+        ctx.save_for_backward(x if s is None else s, x if keep_x else None, scale, weight,
+                              bias if shift is not None else None, mscale, mean, rstd)
         return out, s
 
     @staticmethod
     @once_differentiable  # the backward kernel is not differentiable itself
     def backward(ctx, grad_out, grad_s):
-        s, x, scale, weight, mean, rstd = ctx.saved_tensors
+        s, x, scale, weight, bias, mscale, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if grad_out is None:
             grad_out = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
-        x_dtype, r_dtype = ctx.dtypes
+        x_dtype, r_dtype, b_dtype, sh_dtype = ctx.dtypes
         with device_guard(s.device):
-            dx, dr, dw, db, dg = _triton_module().backward(
-                grad_out, grad_s, s, x, scale, weight, mean, rstd,
-                dx_dtype=x_dtype if needs[0] else None, dr_dtype=r_dtype if needs[1] else None,
-                sum_weight=weight is not None and needs[3], sum_bias=ctx.bias_dtype is not None and needs[4],
-                sum_scale=scale is not None and needs[2])
-        cast = (lambda t, like: None if t is None else t.to(like.dtype))
-        return dx, dr, cast(dg, scale), cast(dw, weight), None if db is None else db.to(ctx.bias_dtype), None, None
+            dx, dr, dw, db, dg, dsh, dms = _triton_module().backward(
+                grad_out, grad_s, s, x, scale, weight, bias, mscale, mean, rstd, ctx.rows_per_group,
+                ln_dtype=ctx.ln_dtype, dx_dtype=x_dtype if needs[0] else None, dr_dtype=r_dtype if needs[1] else None,
+                sum_weight=weight is not None and needs[3], sum_bias=b_dtype is not None and needs[4],
+                sum_scale=scale is not None and needs[2], sum_modulation=mscale is not None and (needs[5] or needs[6]))
+        cast = (lambda t, dtype: None if t is None else t.to(dtype))
+        return (dx, dr, cast(dg, None if scale is None else scale.dtype), cast(dw, None if weight is None else weight.dtype),
+                cast(db, b_dtype), cast(dsh, sh_dtype), cast(dms, None if mscale is None else mscale.dtype),
+                None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,29 +88,45 @@ class _AddLayerNormFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _validate(op, x, residual, weight, bias, scale, eps, out_dtype) -> float:
+def _validate(op, x, residual, weight, bias, scale, eps, out_dtype, modulation) -> float:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last (channel) dim, got shape {tuple(x.shape)}")
     c = x.shape[-1]
-    for name, t, shape in (("residual", residual, tuple(x.shape)), ("weight", weight, (c,)), ("bias", bias, (c,)),
-                           ("scale", scale, (c,))):
+    if modulation is not None and (not isinstance(modulation, (tuple, list)) or len(modulation) != 2):
+        raise TypeError(f"{op}: modulation must be a (shift, scale) pair of tensors or None, got "
+                        f"{type(modulation).__name__}")
+    shift, mscale = modulation if modulation is not None else (None, None)
+    vectors = [(c,)] + ([_per_sample_shape(x)] if x.dim() >= 2 else [])  # shared, or one row per sample
+    named = (("residual", residual, [tuple(x.shape)]), ("weight", weight, [(c,)]), ("bias", bias, [(c,)]),
+             ("scale", scale, vectors), ("modulation shift", shift, vectors), ("modulation scale", mscale, vectors))
+    for name, t, shapes in named:
         if t is None:
+            if modulation is not None and name.startswith("modulation"):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor, got None")
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{op}: {name} must have shape {shape} (x has shape {tuple(x.shape)}), got "
-                             f"{tuple(t.shape)}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{op}: {name} must have shape {' or '.join(map(str, shapes))} (x has shape "
+                             f"{tuple(x.shape)}), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias), ("scale", scale)):
+    for name, t in (("x", x), *((n, t) for n, t, _ in named)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{op}: {name} must have a floating dtype, got {t.dtype}")
+    if shift is not None and shift.shape != mscale.shape:
+        raise ValueError(f"{op}: modulation shift and scale must have the same shape, got {tuple(shift.shape)} and "
+                         f"{tuple(mscale.shape)}")
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise TypeError(f"{op}: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
     return finite_number(op, "eps", eps, allow_zero=True)
+
+
+def _per_sample_shape(x: torch.Tensor) -> Tuple[int, ...]:
+    """``(B, 1, ..., 1, C)``: one vector per sample (leading dim) of ``x``, broadcast over its other dims."""
+    return (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
 
 
 def _unsupported(x, tensors, out_dtype):
@@ -121,50 +147,71 @@ def _rows(t: Optional[torch.Tensor], c: int) -> Optional[torch.Tensor]:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _vector(t: Optional[torch.Tensor], c: int) -> Optional[torch.Tensor]:
+    """A shared ``[C]`` vector as is; a per-sample ``[B, 1, ..., C]`` one as contiguous ``[B, C]``."""
+    return t if t is None or t.dim() == 1 else t.reshape(-1, c).contiguous()
+
+
 def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], *, scale: Optional[torch.Tensor] = None, eps: float = 1e-5,
-                   out_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+                   out_dtype: Optional[torch.dtype] = None,
+                   modulation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                   impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Residual add and LayerNorm over the last dim in one pass: ``(out, s)``.
 
     Args:
-        x: the branch output ``[..., C]`` (e.g. an attention or MLP output).
+        x: the branch output ``[B, ..., C]`` (e.g. an attention or MLP output).
         residual: the residual stream, same shape as ``x`` (None: ``s = scale * x``).
         weight, bias: LayerNorm's affine parameters ``[C]`` (None: 1 / 0).
-        scale: per-channel scale of the branch ``[C]`` (LayerScale's ``gamma``), or None.
+        scale: scale of the branch: per channel ``[C]`` (LayerScale's ``gamma``) or per sample ``[B, 1, ..., C]``
+            (adaLN-Zero's gate), or None.
         eps: LayerNorm's eps (nn.LayerNorm's default 1e-5; DINOv2 1e-6, Dinomaly/INP-Former decoders 1e-8).
-        out_dtype: dtype of ``out``; None gives what ``F.layer_norm`` returns (float32 under autocast, else the
-            dtype of ``s``). Pass the autocast dtype when ``out`` feeds a Linear: same values, half the bytes.
+        out_dtype: dtype of ``out``; None gives what the eager expression returns (``F.layer_norm``'s dtype: float32
+            under autocast, else the dtype of ``s``; then promoted by the modulation). Pass the autocast dtype when
+            ``out`` feeds a Linear: same values, half the bytes.
+        modulation: ``(shift, scale)``, each ``[C]`` or ``[B, 1, ..., C]``: ``out = LayerNorm(s) * (1 + scale) +
+            shift`` (adaLN's ``modulate``), or None.
         impl: ``"auto"`` | ``"triton"`` | ``"reference"``.
 
     Returns:
-        ``out`` (LayerNorm of ``s``, ``out_dtype``) and ``s = residual + scale * x`` in the promoted dtype of
-        its inputs (a float32 residual stream stays float32 with a bfloat16 branch), both of ``x``'s shape.
+        ``out`` (the LayerNorm of ``s``, modulated; ``out_dtype``) and ``s = residual + scale * x`` in the
+        promoted dtype of its inputs (a float32 residual stream stays float32 with a bfloat16 branch), both of
+        ``x``'s shape.
     """
     op = "add_layer_norm"
-    eps = _validate(op, x, residual, weight, bias, scale, eps, out_dtype)
+    eps = _validate(op, x, residual, weight, bias, scale, eps, out_dtype, modulation)
+    shift, mscale = modulation if modulation is not None else (None, None)
     sdtype = _ref.summed_dtype(x, residual, scale)
-    out_dtype = out_dtype or _ref.default_out_dtype(sdtype, x.device)
-    tensors = (x, residual, scale, weight, bias)
+    ln_dtype = _ref.default_out_dtype(sdtype, x.device)
+    out_dtype = out_dtype or _ref.modulated_dtype(ln_dtype, modulation)
+    tensors = (x, residual, scale, weight, bias, shift, mscale)
     chosen = resolve_impl(op, impl, [t for t in tensors if t is not None], impls=("triton",),
                           unsupported=lambda: _unsupported(x, tensors, out_dtype))
     if chosen == "reference" or x.numel() == 0:
-        return _ref.add_layer_norm(x, residual, weight, bias, scale=scale, eps=eps, out_dtype=out_dtype)
+        return _ref.add_layer_norm(x, residual, weight, bias, scale=scale, eps=eps, out_dtype=out_dtype,
+                                   modulation=modulation)
     c = x.shape[-1]
+    rows_per_group = x.numel() // (c * x.shape[0]) if x.dim() >= 2 else 1
     with device_guard(x.device):
-        out, s = _AddLayerNormFn.apply(_rows(x, c), _rows(residual, c), scale, weight, bias, eps, out_dtype)
+        out, s = _AddLayerNormFn.apply(_rows(x, c), _rows(residual, c), _vector(scale, c), weight, bias,
+                                       _vector(shift, c), _vector(mscale, c), eps, rows_per_group, ln_dtype,
+                                       out_dtype)
     out = out.view(x.shape)
     return out, (x if s is None else s.view(x.shape))
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], *, eps: float = 1e-5,
-               out_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> torch.Tensor:
-    """LayerNorm over the last dim, ``out_dtype`` as in :func:`add_layer_norm` (which see)."""
-    return add_layer_norm(x, None, weight, bias, eps=eps, out_dtype=out_dtype, impl=impl)[0]
+               out_dtype: Optional[torch.dtype] = None, modulation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+               impl: str = "auto") -> torch.Tensor:
+    """LayerNorm over the last dim (then ``modulation``), ``out_dtype`` as in :func:`add_layer_norm` (which see)."""
+    return add_layer_norm(x, None, weight, bias, eps=eps, out_dtype=out_dtype, modulation=modulation, impl=impl)[0]
 
 
 def pre_norm(norm: nn.LayerNorm, x: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
-             scale: Optional[torch.Tensor] = None, impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
-    """A pre-norm block's glue with its ``norm`` module's parameters: ``(norm(s), s)``, ``s = residual + scale * x``.
+             scale: Optional[torch.Tensor] = None, modulation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+             impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's glue with its ``norm`` module's parameters: ``(norm(s), s)``, ``s = residual + scale * x``
+    (then ``norm(s) * (1 + m_scale) + m_shift`` with ``modulation=(m_shift, m_scale)``, as DiT's ``modulate``).
 
     With ``impl="reference"`` this is the eager expression ``norm(residual + x * scale)``, bit for bit (the
     output in ``F.layer_norm``'s dtype). Otherwise :func:`add_layer_norm` runs with ``out_dtype`` = the
@@ -173,7 +220,7 @@ def pre_norm(norm: nn.LayerNorm, x: torch.Tensor, *, residual: Optional[torch.Te
     """
     out_dtype = None if impl == "reference" else autocast_dtype(x.device.type)
     return add_layer_norm(x, residual, norm.weight, norm.bias, scale=scale, eps=norm.eps, out_dtype=out_dtype,
-                          impl=impl)
+                          modulation=modulation, impl=impl)
 
 
 class LayerNorm(nn.LayerNorm):
