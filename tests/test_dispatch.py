@@ -97,3 +97,15 @@ def test_impl_outside_the_ops_choices_is_refused(available):
         resolve("cuda", _inputs(), impls=("triton",))
     with pytest.raises(ValueError, match="impl must be one of"):
         resolve("fast", _inputs())
+
+
+def test_host_grid_helpers_equal_tritons():
+    """``fastproto.triton.cdiv`` / ``next_pow2`` (plain integers: the launchers' grids and tiles) give what
+    ``triton.cdiv`` / ``triton.next_power_of_2`` give, without their constexpr-call cost."""
+    triton = pytest.importorskip("triton")
+    from fastproto.triton import cdiv, next_pow2
+
+    for a in [*range(0, 300), 789, 1024, 1025, 50_000, 2 ** 31 - 1, 2 ** 31, 2 ** 40 + 3]:
+        assert next_pow2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 16, 64, 100, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

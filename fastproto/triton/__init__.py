@@ -41,6 +41,17 @@ def empty_output(shape, dtype, device):
     return out
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code (grids, tile counts). ``triton.cdiv`` is a constexpr function whose call
+    unwraps its arguments: about 4 us per call on the host, several per launch."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0, as ``triton.next_power_of_2``), for host code; see :func:`cdiv`."""
+    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
+
+
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run on the CPU (for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import empty_output
+from fastproto.triton import cdiv, empty_output
 
 MAX_GROUP = 8  # members per side the cosine kernel sums on the fly; larger groups are pre-averaged
 
@@ -343,7 +343,7 @@ def cos_distance(
         num_warps = 8 if wide else 4
     e_ptrs = enc + [enc[0]] * (MAX_GROUP - num)
     d_ptrs = dec + [dec[0]] * (MAX_GROUP - num)
-    grid = (triton.cdiv(h * w, block_p), B)
+    grid = (cdiv(h * w, block_p), B)
     _cos_dist_kernel[grid](
         out, *e_ptrs, *d_ptrs,
         h * w, w,
@@ -373,7 +373,7 @@ def _launch_rows(out, src, meta, scales, weights, n_pairs, OH, OW, B, src_stride
         src_strides = (0, 0, 0)
     scale_y = _f32_ratio(SH, OH) if mode == MODE_RESIZE else 0.0
     scale_x = _f32_ratio(SW, OW) if mode == MODE_RESIZE else 0.0
-    grid = (triton.cdiv(OW, block_x), triton.cdiv(OH, block_y), B)
+    grid = (cdiv(OW, block_x), cdiv(OH, block_y), B)
     _resample_hblur_kernel[grid](
         out, src, meta, scales, weights,
         1.0 / max(n_pairs, 1),
@@ -386,7 +386,7 @@ def _launch_rows(out, src, meta, scales, weights, n_pairs, OH, OW, B, src_stride
 
 def _launch_vblur(out, src, weights, H, W, B, ks):
     block_y, block_x = _tile(H, W)
-    grid = (triton.cdiv(W, block_x), triton.cdiv(H, block_y), B)
+    grid = (cdiv(W, block_x), cdiv(H, block_y), B)
     _vblur_kernel[grid](out, src, weights, H, W, KS=ks, BLOCK_Y=block_y, BLOCK_X=block_x, num_warps=4)
 
 

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import empty_output, interpreter_enabled
+from fastproto.triton import cdiv, empty_output, interpreter_enabled, next_pow2
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -200,7 +200,7 @@ def _add_ln_bwd_kernel(
 
 def _tiles(c: int, elements: int):
     """``(BLOCK_R, BLOCK_C, num_warps)``: whole rows, about ``elements`` values per program."""
-    block_c = max(16, triton.next_power_of_2(c))
+    block_c = max(16, next_pow2(c))
     block_r = max(1, min(16, elements // block_c))
     return block_r, block_c, 8 if block_r * block_c >= 4096 else 4
 
@@ -231,7 +231,7 @@ def forward(x: torch.Tensor, residual: Optional[torch.Tensor], scale: Optional[t
     mean = empty_output((rows,), torch.float32, dev)
     rstd = empty_output((rows,), torch.float32, dev)
     block_r, block_c, nw = _tiles(c, 4096)
-    _add_ln_fwd_kernel[(triton.cdiv(rows, block_r),)](
+    _add_ln_fwd_kernel[(cdiv(rows, block_r),)](
         x, residual if residual is not None else x, scale if scale is not None else x,
         weight if weight is not None else x, bias if bias is not None else x,
         shift if shift is not None else x, mscale if mscale is not None else x,
@@ -269,7 +269,7 @@ def backward(grad_out: torch.Tensor, grad_s: Optional[torch.Tensor], s: torch.Te
     dx = empty_output((rows, c), dx_dtype, dev) if dx_dtype is not None else None
     dr = empty_output((rows, c), dr_dtype, dev) if dr_dtype is not None else None
     block_r, block_c, nw = _tiles(c, 2048)
-    tiles_per_group = triton.cdiv(rows_per_group, block_r)
+    tiles_per_group = cdiv(rows_per_group, block_r)
     progs = max(1, _persistent_programs(dev, groups * tiles_per_group) // groups)
     progs = min(progs, tiles_per_group)
     wants = (sum_weight, sum_bias, sum_scale, sum_modulation, sum_modulation)

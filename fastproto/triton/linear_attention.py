@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import empty_output
+from fastproto.triton import cdiv, empty_output, next_pow2
 from fastproto.triton._dot import dot_config, mm
 
 MAX_HEAD_DIM = 128
@@ -232,8 +232,8 @@ def _la_bwd_kv_kernel(
 
 
 def _blocks(d: int, dv: int, device: torch.device):
-    bd = max(16, triton.next_power_of_2(d))
-    bdv = max(16, triton.next_power_of_2(dv))
+    bd = max(16, next_pow2(d))
+    bdv = max(16, next_pow2(dv))
     block_n = 32 if (device.type != "cuda" or max(bd, bdv) > 64) else 64
     num_warps = 8 if max(bd, bdv) > 64 else 4
     return bd, bdv, block_n, num_warps
@@ -258,7 +258,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str, eps: fl
         PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw, **dots,
     )
     if Nq > 0:
-        _la_out_kernel[(triton.cdiv(Nq, block_n), B * H)](
+        _la_out_kernel[(cdiv(Nq, block_n), B * H)](
             q, state, ksum, out, H, Nq, D, Dv, float(eps), *q.stride(), *out.stride(),
             PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw, **dots,
         )
@@ -286,7 +286,7 @@ def backward(q, k, v, state, ksum, grad_out, phi: str, eps: float):
         PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw, **dots,
     )
     if Nk > 0:
-        _la_bwd_kv_kernel[(triton.cdiv(Nk, block_n), B * H)](
+        _la_bwd_kv_kernel[(cdiv(Nk, block_n), B * H)](
             k, v, ds, dz, dk, dv, H, Nk, D, Dv,
             *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
             PHI=code, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=nw, **dots,

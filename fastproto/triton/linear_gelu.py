@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import empty_output, interpreter_enabled
+from fastproto.triton import cdiv, empty_output, interpreter_enabled
 from fastproto.triton._dot import dot_config, mm
 
 
@@ -81,7 +81,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     n = weight.shape[0]
     y = empty_output((m, n), x.dtype, x.device)
     dot_dt, prec = dot_config(x.dtype)
-    _linear_gelu_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+    _linear_gelu_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)](
         x, weight, bias if bias is not None else x, y,
         m, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, DOT_DT=dot_dt, PREC=prec,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import empty_output
+from fastproto.triton import cdiv, empty_output, next_pow2
 from fastproto.triton._dot import dot_config, mm
 
 KIND_RELU_COS = 0
@@ -34,7 +34,7 @@ def _dots(dtype):
 
 
 def _p2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, next_pow2(int(n)))
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         return out
     skb, svb = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
     BLOCK_N = 32 if max(_p2(D), _p2(DV)) > 64 else 64
-    grid = (B * H, triton.cdiv(N, BLOCK_N))
+    grid = (B * H, cdiv(N, BLOCK_N))
     _proto_attn_fwd_kernel[grid](
         q, k, v, scale, out, H, N, M, D, DV,
         *q.stride(), skb, *k.stride()[-3:], svb, *v.stride()[-3:], *out.stride(),
@@ -205,7 +205,7 @@ def prototype_attention_backward(q, k, v, scale, grad_out, kind: str):
         return dq, dk, dv, ds
     skb, svb = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
     BLOCK_N = 32 if max(_p2(D), _p2(DV)) > 64 else 64
-    grid = (B * H, triton.cdiv(N, BLOCK_N))
+    grid = (B * H, cdiv(N, BLOCK_N))
     _proto_attn_bwd_kernel[grid](
         q, k, v, scale, grad_out, dq, dk, dv, ds, H, N, M, D, DV,
         *q.stride(), skb, *k.stride()[-3:], svb, *v.stride()[-3:], *grad_out.stride(), *dq.stride(),

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import empty_output
+from fastproto.triton import cdiv, empty_output, next_pow2
 from fastproto.triton._dot import dot_config, mm
 
 COS_EPS = 1e-8  # F.cosine_similarity's norm clamp, as the reference
@@ -63,7 +63,7 @@ def _dots(dtype):
 
 
 def _p2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, next_pow2(int(n)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ class _Plan:
         self.M, self.C = p.shape[-2], C
         block_r, block_m = min(_MAX_BLOCK, _p2(self.R)), min(_MAX_BLOCK, _p2(self.M))
         self.multi = self.M > block_m  # the prototypes span several tiles
-        self.grid = (self.G, triton.cdiv(self.R, block_r))
+        self.grid = (self.G, cdiv(self.R, block_r))
         self.bank = ((p.stride(0) if p.dim() == 3 else 0),) + tuple(p.stride()[-2:])
         self.blocks = dict(BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_C=min(_MAX_BLOCK, _p2(C)), **_dots(x.dtype))
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import empty_output
+from fastproto.triton import empty_output, next_pow2
 
 MAX_K = 64
 
@@ -157,7 +157,7 @@ def _sinkhorn_kernel(
 
 def _blocks(K: int):
     # no tl.dot here, so K needs no padding to 16: tiny K (DPDiff-AD's K = 2) wastes no lanes
-    block_k = triton.next_power_of_2(K)
+    block_k = next_pow2(K)
     block_n = max(16, min(1024, 8192 // block_k))
     num_warps = 16 if block_n * block_k >= 4096 else 8
     return block_n, block_k, num_warps
