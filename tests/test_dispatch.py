@@ -109,3 +109,42 @@ def test_host_grid_helpers_equal_tritons():
         assert next_pow2(a) == triton.next_power_of_2(a), a
         for b in (1, 2, 3, 16, 64, 100, 128):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_apply_skips_autograd_only_when_no_gradient_can_flow():
+    """``_dispatch.apply``: ``Function.apply`` (outputs attached to the graph) when grad mode is on and a tensor
+    argument requires grad; otherwise the forward on an inert context (same values, nothing recorded, what the
+    forward saves dropped)."""
+    from fastproto.ops._dispatch import apply
+
+    calls = []
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, factor):
+            calls.append(type(ctx).__name__)
+            ctx.save_for_backward(x)
+            ctx.factor = factor
+            assert len(ctx.needs_input_grad) == 2
+            out = x * factor
+            aux = out.detach().clone()
+            ctx.mark_non_differentiable(aux)
+            ctx.set_materialize_grads(False)
+            return out, aux
+
+        @staticmethod
+        def backward(ctx, grad, _):
+            return grad * ctx.factor, None
+
+    x = torch.randn(5)
+    leaf = x.clone().requires_grad_(True)
+    out, aux = apply(Double, x, 3.0)
+    assert torch.equal(out, x * 3) and out.grad_fn is None and not aux.requires_grad
+    with torch.no_grad():
+        out, _ = apply(Double, leaf, 3.0)
+    assert out.grad_fn is None and not out.requires_grad
+    assert calls == ["_InferenceContext", "_InferenceContext"]
+    out, aux = apply(Double, leaf, 3.0)
+    assert out.grad_fn is not None and not aux.requires_grad and calls[-1] != "_InferenceContext"
+    out.sum().backward()
+    assert torch.equal(leaf.grad, torch.full((5,), 3.0))

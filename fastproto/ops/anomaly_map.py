@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from fastproto.ops._dispatch import device_guard, resolve_impl
+from fastproto.ops._dispatch import apply, device_guard, resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.anomaly_map")
@@ -273,7 +273,7 @@ def anomaly_map(
     cfg = dict(n_pairs=len(enc), out_size=out_size, groups=groups, sigma=sigma,
                kernel_size=kernel_size, eval_size=eval_size)
     with device_guard(enc[0].device):
-        return _AnomalyMapTritonFn.apply(cfg, *enc, *dec)
+        return apply(_AnomalyMapTritonFn, cfg, *enc, *dec)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, kernel_size: int = 5, impl: str = "auto") -> torch.Tensor:
@@ -295,7 +295,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, kernel_size: int = 5, 
     if which == "reference":
         return _ref.gaussian_blur(maps, sigma=float(sigma), kernel_size=int(kernel_size))
     with device_guard(maps.device):
-        return _GaussianBlurTritonFn.apply(maps, float(sigma), int(kernel_size))
+        return apply(_GaussianBlurTritonFn, maps, float(sigma), int(kernel_size))
 
 
 def image_score(maps: torch.Tensor, rule: str = "max", *, topk: float = 0.01, pool_size: Size = 16) -> torch.Tensor:

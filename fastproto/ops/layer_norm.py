@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastproto.ops._dispatch import autocast_dtype, device_guard, finite_number, resolve_impl
+from fastproto.ops._dispatch import (apply, autocast_dtype, device_guard, finite_number,
+                                     resolve_impl)
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.layer_norm")
@@ -193,7 +194,7 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     c = x.shape[-1]
     rows_per_group = x.numel() // (c * x.shape[0]) if x.dim() >= 2 else 1
     with device_guard(x.device):
-        out, s = _AddLayerNormFn.apply(_rows(x, c), _rows(residual, c), _vector(scale, c), weight, bias,
+        out, s = apply(_AddLayerNormFn, _rows(x, c), _rows(residual, c), _vector(scale, c), weight, bias,
                                        _vector(shift, c), _vector(mscale, c), eps, rows_per_group, ln_dtype,
                                        out_dtype)
     out = out.view(x.shape)

@@ -33,7 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastproto import _ext
-from fastproto.ops._dispatch import device_guard, finite_number, resolve_impl
+from fastproto.ops._dispatch import apply, device_guard, finite_number, resolve_impl
 from fastproto.triton import empty_output
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
@@ -179,7 +179,7 @@ def _run(q, k, v, phi, eps, impl, want_state):
     if chosen == "reference":
         return _ref.linear_attention_with_state(q, k, v, phi=phi, eps=eps)
     with device_guard(q.device):
-        return _LinearAttentionFn.apply(_KERNELS[chosen], q, k, v, phi, eps, want_state)
+        return apply(_LinearAttentionFn, _KERNELS[chosen], q, k, v, phi, eps, want_state)
 
 
 def linear_attention_with_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: str = "elu",

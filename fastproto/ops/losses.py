@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastproto.ops._dispatch import apply
 from fastproto.ops.prototype import route
 
 _ref = importlib.import_module("fastproto.reference.losses")
@@ -172,7 +173,7 @@ def cosine_mining_loss(encoder_feats: Sequence[torch.Tensor], decoder_feats: Seq
     G = len(decoder_feats)
     total = None
     for e, d in zip(encoder_feats, decoder_feats):
-        term = _MiningGroupFn.apply(e.detach(), d, mode, gamma, hard_fraction, hard_factor, 1.0 / G)
+        term = apply(_MiningGroupFn, e.detach(), d, mode, gamma, hard_fraction, hard_factor, 1.0 / G)
         total = term if total is None else total + term
     return total
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastproto import _ext
-from fastproto.ops._dispatch import device_guard, resolve_impl, warn_once
+from fastproto.ops._dispatch import apply, device_guard, resolve_impl, warn_once
 from fastproto.triton import empty_output
 
 _ref = importlib.import_module("fastproto.reference.prototype")
@@ -187,7 +187,7 @@ def _compiled_route(x, p, mode, tau, per_location):
     else:
         q, k = x.unsqueeze(1), p.unsqueeze(1)
     s = torch.full((1,), 1.0 / tau if mode == "soft" else 1.0, dtype=torch.float32, device=x.device)
-    out, w = _ProtoAttnFn.apply(_ATTENTION["cuda"], q, k, k, None, _ROUTE_KIND[mode], s, _ref.COS_EPS,
+    out, w = apply(_ProtoAttnFn, _ATTENTION["cuda"], q, k, k, None, _ROUTE_KIND[mode], s, _ref.COS_EPS,
                                 mode == "soft")
     back = (lambda t: t[:, 0].transpose(0, 1)) if per_location else (lambda t: t[:, 0])
     return (back(out), back(w)) if mode == "soft" else back(out)
@@ -384,7 +384,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
         s_h = _ref.head_scale(scale_t.detach() if scale_t is not None else scale, H, default, q.device,
                               torch.float32).reshape(H).contiguous()
     with device_guard(q.device):
-        return _ProtoAttnFn.apply(_ATTENTION[chosen], q, k, v, scale_t, kind, s_h, _ref.ATTN_NORM_EPS, False)[0]
+        return apply(_ProtoAttnFn, _ATTENTION[chosen], q, k, v, scale_t, kind, s_h, _ref.ATTN_NORM_EPS, False)[0]
 
 
 _MAX_M = 64  # the Triton kernels hold the prototypes on chip; kMaxM of kernels/prototype_attention.h
@@ -514,9 +514,9 @@ def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", t
         return _ref.route(x, prototypes, mode=mode, tau=float(tau), per_location=per_location)
     with device_guard(x.device):
         if mode == "nearest":
-            return _RouteNearestFn.apply(_NEAREST[chosen], x, prototypes, per_location)
+            return apply(_RouteNearestFn, _NEAREST[chosen], x, prototypes, per_location)
         if chosen == "cuda":
             return _compiled_route(x, prototypes, mode, float(tau), per_location)
         if mode == "soft":
-            return _RouteSoftFn.apply(x, prototypes, float(tau), per_location)
-        return _RouteLinearFn.apply(x, prototypes, per_location)
+            return apply(_RouteSoftFn, x, prototypes, float(tau), per_location)
+        return apply(_RouteLinearFn, x, prototypes, per_location)

@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastproto import _ext
-from fastproto.ops._dispatch import device_guard, finite_number, resolve_impl
+from fastproto.ops._dispatch import apply, device_guard, finite_number, resolve_impl
 from fastproto.triton import empty_output
 
 _ref = importlib.import_module("fastproto.reference.sinkhorn")
@@ -185,7 +185,7 @@ def sinkhorn(cost: torch.Tensor, *, eps: float = 0.05, n_iters: int = 100, tol: 
         return _ref.sinkhorn(cost, eps=eps, n_iters=n_iters, tol=tol, a=a, b=b)
     log_a, log_b = _ref.log_marginals(cost, a, b, torch.float32)
     with device_guard(cost.device):
-        return _SinkhornFn.apply(_SOLVERS[which], cost, log_a, log_b, eps, n_iters, tol)
+        return apply(_SinkhornFn, _SOLVERS[which], cost, log_a, log_b, eps, n_iters, tol)
 
 
 def ot_alignment_loss(x: torch.Tensor, prototypes: torch.Tensor, *, eps: float = 0.05, normalize: bool = False,
