@@ -94,28 +94,31 @@ def _validate(op, x, residual, weight, bias, scale, eps, out_dtype, modulation) 
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last (channel) dim, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must have a floating dtype, got {x.dtype}")
     c = x.shape[-1]
     if modulation is not None and (not isinstance(modulation, (tuple, list)) or len(modulation) != 2):
         raise TypeError(f"{op}: modulation must be a (shift, scale) pair of tensors or None, got "
                         f"{type(modulation).__name__}")
     shift, mscale = modulation if modulation is not None else (None, None)
-    vectors = [(c,)] + ([_per_sample_shape(x)] if x.dim() >= 2 else [])  # shared, or one row per sample
-    named = (("residual", residual, [tuple(x.shape)]), ("weight", weight, [(c,)]), ("bias", bias, [(c,)]),
-             ("scale", scale, vectors), ("modulation shift", shift, vectors), ("modulation scale", mscale, vectors))
-    for name, t, shapes in named:
+    channel = (c,)
+    per_sample = _per_sample_shape(x) if x.dim() >= 2 else channel  # one vector per sample
+    for name, t, shapes in (("residual", residual, (tuple(x.shape),)), ("weight", weight, (channel,)),
+                            ("bias", bias, (channel,)), ("scale", scale, (channel, per_sample)),
+                            ("modulation shift", shift, (channel, per_sample)),
+                            ("modulation scale", mscale, (channel, per_sample))):
         if t is None:
             if modulation is not None and name.startswith("modulation"):
                 raise TypeError(f"{op}: {name} must be a torch.Tensor, got None")
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) not in shapes:
-            raise ValueError(f"{op}: {name} must have shape {' or '.join(map(str, shapes))} (x has shape "
-                             f"{tuple(x.shape)}), got {tuple(t.shape)}")
+        if t.shape not in shapes:
+            raise ValueError(f"{op}: {name} must have shape {' or '.join(str(s) for s in dict.fromkeys(shapes))} "
+                             f"(x has shape {tuple(x.shape)}), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    for name, t in (("x", x), *((n, t) for n, t, _ in named)):
-        if t is not None and not t.is_floating_point():
+        if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must have a floating dtype, got {t.dtype}")
     if shift is not None and shift.shape != mscale.shape:
         raise ValueError(f"{op}: modulation shift and scale must have the same shape, got {tuple(shift.shape)} and "
