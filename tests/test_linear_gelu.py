@@ -206,3 +206,17 @@ def test_gpu_matches_float64_real_shapes(dtype, tol, rng, poisoned):
 
 if __name__ == "__main__":
     _interpreter.main(__file__, _interpreter_main)
+
+
+def test_autotuning_timings_are_kept_on_disk_when_triton_can():
+    """With Triton >= 3.4 the tile choice of a shape survives the process (``cache_results``); a user's first
+    batch of a known shape then skips the tuning (six configs, about a second)."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter does not autotune")
+    import inspect
+
+    kernels = importlib.import_module("fastproto.triton.linear_gelu")
+    supported = "cache_results" in inspect.signature(triton.autotune).parameters
+    assert bool(kernels._linear_gelu_kernel.cache_results) == supported
+    assert len(kernels._linear_gelu_kernel.configs) == 6

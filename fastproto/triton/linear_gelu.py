@@ -9,13 +9,18 @@
                          pair writes it and reads it back (for a ViT-B MLP at 64 x 789 tokens, 310 MB each way
                          in bfloat16).
 
-The tile shape is autotuned per (M, N, K) on the GPU over six Hopper tiles; the interpreter runs one small tile. Use
+The tile shape is autotuned per (M, N, K) and dtype on the GPU over six Hopper tiles (about a second at the first
+call of a shape); with Triton >= 3.4 the timings are kept in Triton's cache directory (``cache_results``: keyed by
+the kernel source, the configs and the tuning key), so a new process does not tune a known shape again. The
+interpreter runs one small tile. Use
 :func:`fastproto.ops.linear_gelu` (validation, dispatch, autocast); the function here assumes validated
 2-D inputs of one dtype.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+import inspect
 
 import torch
 import triton
@@ -36,7 +41,11 @@ def _configs():
                                      (128, 128, 32, 8, 5), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+#: Triton >= 3.4 can keep the autotuning timings on disk; older versions tune once per process
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"], **AUTOTUNE_CACHE)
 @triton.jit
 def _linear_gelu_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
