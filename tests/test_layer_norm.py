@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import _interpreter
+from tests._numerics import rel_err
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import LayerNorm, add_layer_norm, layer_norm
 
@@ -43,10 +44,6 @@ def _numpy_add_layer_norm(x, r, g, w, b, eps, sh=None, ms=None):
         out = out * (1 + ms) + sh
     return out, s
 
-
-def _rel_err(got, want, floor=1e-30):
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    return float((got - want).abs().max() / max(float(want.abs().max()), floor))
 
 
 def _np(t):
@@ -469,12 +466,12 @@ def _interpreter_main(seed: int) -> None:
                 "dtypes_ok": o_t.dtype == o_r.dtype == want_out_dtype and s_t.dtype == s_r.dtype
                 and all(a.dtype == t.dtype and a.shape == t.shape for a, t in zip(g_t, inputs)),
                 "finite": bool(torch.isfinite(o_t).all()) and all(bool(torch.isfinite(a).all()) for a in g_t),
-                "out": _rel_err(o_t, o_64), "out_vs_ref": _rel_err(o_t, o_r), "s": _rel_err(s_t, s_64),
+                "out": rel_err(o_t, o_64), "out_vs_ref": rel_err(o_t, o_r), "s": rel_err(s_t, s_64),
                 "out_fp32": o_t.dtype == torch.float32,
                 "s_is_x": s_is_x if not has_s else None,
                 # 16-bit s: every step rounds as the eager expression does (no contraction possible), so equal bits
                 "s_exact": torch.equal(s_t, s_r) if s_t.dtype in (torch.float16, torch.bfloat16) else None,
-                "grads": [_rel_err(a, e, 1e-3) for a, e in zip(g_t, g_64)],
+                "grads": [rel_err(a, e, 1e-3) for a, e in zip(g_t, g_64)],
                 "low_precision": any(t.dtype != torch.float32 for t in inputs) or odt not in (None, torch.float32),
             }
         except Exception as exc:  # noqa: BLE001  (report; the parent test fails with the message)
@@ -492,7 +489,7 @@ def _interpreter_main(seed: int) -> None:
             used = s if use == "s" else out
             grads = torch.autograd.grad((used.double() * ds).sum(), leaves, allow_unused=True)
             per_impl.append([torch.zeros(t.shape) if q is None else q for q, t in zip(grads, leaves)])
-        partial[use] = [_rel_err(a, e, 1e-3) for a, e in zip(*per_impl)]
+        partial[use] = [rel_err(a, e, 1e-3) for a, e in zip(*per_impl)]
     results["_partial"] = partial
     # a NaN in one element gives NaN in exactly its row
     x, r, g, w, b, _, _ = _interp_inputs("fp32_full", seed)
@@ -517,7 +514,7 @@ def _interpreter_main(seed: int) -> None:
         m.weight.normal_()
         m.bias.normal_()
     xm = torch.randn(3, 7, 40)
-    results["_module"] = _rel_err(m(xm), F.layer_norm(xm.double(), (40,), m.weight.double(), m.bias.double(), 1e-6))
+    results["_module"] = rel_err(m(xm), F.layer_norm(xm.double(), (40,), m.weight.double(), m.bias.double(), 1e-6))
     # the blocks through the kernels vs their reference mode: outputs and input / parameter gradients. float32:
     # against each other; bfloat16 autocast: each against the float64 block (both carry bfloat16 error)
     blocks = {}
@@ -540,7 +537,7 @@ def _interpreter_main(seed: int) -> None:
                 runs[impl] = (out.detach(), grads)
             truth = runs["float64" if autocast else "reference"]
             blocks[f"{name}{'_bf16' if autocast else ''}"] = {
-                key: [_rel_err(runs[impl][i], truth[i]) for impl in ("triton", "reference")]
+                key: [rel_err(runs[impl][i], truth[i]) for impl in ("triton", "reference")]
                 for i, key in enumerate(("out", "grads"))} | {"low_precision": autocast}
     results["_blocks"] = blocks
     # the DINOv2 stack, whose fused path chains the blocks (each boundary's residual and the next norm1 in one
@@ -565,7 +562,7 @@ def _interpreter_main(seed: int) -> None:
                 taps[impl] = torch.cat([t.double().reshape(-1) for t in net.forward_layers(
                     images.double() if impl == "float64" else images, [0, 2, 3])])
         truth = taps["float64" if autocast else "reference"]
-        backbone["bf16" if autocast else "fp32"] = [_rel_err(taps[impl], truth) for impl in ("triton", "reference")]
+        backbone["bf16" if autocast else "fp32"] = [rel_err(taps[impl], truth) for impl in ("triton", "reference")]
     results["_backbone"] = backbone
     _interpreter.emit(results)
 
@@ -678,7 +675,7 @@ def test_gpu_matches_reference_real_shapes(layout, branch_dtype, out_dtype, tol,
     names = ("dx", "dr", "dg", "dw", "db") if mod is None else ("dx", "dr", "dgate", "dshift", "dscale")
     assert len(g_t) == len(g_64) == len(names)
     for key, a, e in (("out", o_t, o_64), ("s", s_t, s_64), *zip(names, g_t, g_64)):
-        err = _rel_err(a, e, 1e-12)
+        err = rel_err(a, e, 1e-12)
         assert err <= tol, f"{layout} {key}: rel err {err:.2e} > {tol} (seed={seed})"
 
 

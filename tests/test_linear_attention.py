@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import _interpreter
+from tests._numerics import rel_err
 from tests._op_errors import expect_errors
 from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
@@ -78,14 +79,6 @@ def _expected64(q, k, v, phi, eps):
     return num / den[..., None], state
 
 
-def _rel_err(got, want, floor=1e-30):
-    """max |got - want| / max(max |want|, floor). Gradients use floor=1 (O(1) inputs): e.g. with
-    Nk = 1 the output does not depend on q (out_i = v up to eps), so dq is rounding noise."""
-    got, want = got.detach().double(), want.detach().double()
-    if want.numel() == 0:
-        return 0.0
-    return float((got - want).abs().max()) / max(float(want.abs().max()), floor)
-
 
 def _seed(rng) -> int:
     return int(rng.integers(0, 2**31 - 1))
@@ -121,7 +114,7 @@ def _compiled_with_state(q, k, v, phi, eps):
     out, state, ksum = ops_la._compiled_forward(q, k, v, phi, eps)
     assert out.transpose(1, 2).is_contiguous(), "out must be a view of [B, Nq, H, Dv] storage (the heads merge freely)"
     want_ksum = _phi64(k.double(), phi).sum(-2)
-    assert _rel_err(ksum, want_ksum) <= 1e-5 * max(1, k.shape[2] // 8), "ksum"
+    assert rel_err(ksum, want_ksum) <= 1e-5 * max(1, k.shape[2] // 8), "ksum"
     return out, state
 
 
@@ -143,9 +136,9 @@ def test_matches_float64(path, case, phi, dtype, tol, rng, poisoned):
         want, want_state = _expected64(q, k, v, phi, 1e-6)
         assert out.shape == (B, H, Nq, Dv) and out.dtype == dtype
         assert torch.isfinite(out).all(), f"{case} {layout}: non-finite (seed={seed})"
-        err = _rel_err(out, want)
+        err = rel_err(out, want)
         assert err <= tol, f"{case} {phi} {dtype} {layout}: rel err {err:.2e} > {tol} (seed={seed})"
-        assert _rel_err(state, want_state) <= tol, f"{case} {layout}: state (seed={seed})"
+        assert rel_err(state, want_state) <= tol, f"{case} {layout}: state (seed={seed})"
         if path == "reference":  # the public op on CPU (auto) is the reference, bit for bit
             assert torch.equal(linear_attention(q, k, v, phi=phi), out)
 
@@ -158,7 +151,7 @@ def test_reference_float64_and_eps(rng):
         got = linear_attention(q, k, v, eps=eps)
         want, _ = _expected64(q, k, v, "elu", eps)
         assert got.dtype == torch.float64
-        assert _rel_err(got, want) <= 1e-12, f"eps={eps} (seed={seed})"
+        assert rel_err(got, want) <= 1e-12, f"eps={eps} (seed={seed})"
 
 
 @pytest.mark.parametrize("phi", ["elu", "relu"])
@@ -185,7 +178,7 @@ def test_analytic_backward_matches_autograd(phi, dtype, tol, rng):
     want = torch.autograd.grad(out, (q, k, v), g)
     got = ref.linear_attention_backward(q.detach(), k.detach(), v.detach(), g, phi=phi)
     for name, a, b in zip("qkv", got, want):
-        err = _rel_err(a, b, 1.0)
+        err = rel_err(a, b, 1.0)
         assert err <= tol, f"d{name}: {err:.2e} (seed={seed})"
 
 
@@ -285,13 +278,13 @@ def test_linear_attention_module_matches_dinomaly(qkv_bias, rng):
     out, kv = ours(x)
     want, want_kv = theirs(x)
     assert out.shape == (3, 13, dim) and kv.shape == (3, heads, dim // heads, dim // heads)
-    assert _rel_err(out, want) <= 1e-12 and _rel_err(kv, want_kv) <= 1e-12, f"seed={seed}"
+    assert rel_err(out, want) <= 1e-12 and rel_err(kv, want_kv) <= 1e-12, f"seed={seed}"
     # float32 and gradient flow
     ours32 = ours.float()
     theirs32 = theirs.float()
     x32 = x.float().requires_grad_(True)
     out32, _ = ours32(x32)
-    assert _rel_err(out32, theirs32(x32.detach())[0]) <= 1e-5
+    assert rel_err(out32, theirs32(x32.detach())[0]) <= 1e-5
     out32.sum().backward()
     assert ours32.qkv.weight.grad is not None and torch.isfinite(x32.grad).all()
     with pytest.raises(NotImplementedError):
@@ -310,7 +303,7 @@ def test_linear_cross_attention(rng):
     selfattn.load_state_dict(cross.state_dict())
     x = torch.randn(2, 11, dim, dtype=torch.float64)
     y = torch.randn(2, 7, dim, dtype=torch.float64)
-    assert _rel_err(cross(x, x)[0], selfattn(x)[0]) <= 1e-12
+    assert rel_err(cross(x, x)[0], selfattn(x)[0]) <= 1e-12
     # restated: the one packed qkv applied to both inputs, q rows from x, k/v rows from y
     tx = cross.qkv(x).reshape(2, 11, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
     ty = cross.qkv(y).reshape(2, 7, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
@@ -318,7 +311,7 @@ def test_linear_cross_attention(rng):
     want = cross.proj(o.transpose(1, 2).reshape(2, 11, dim))
     out, kv = cross(x, y)
     assert out.shape == (2, 11, dim) and kv.shape == (2, heads, dim // heads, dim // heads)
-    assert _rel_err(out, want) <= 1e-12, f"seed={seed}"
+    assert rel_err(out, want) <= 1e-12, f"seed={seed}"
     with pytest.raises(ValueError, match="batch"):
         cross(x, y[:1])
 
@@ -378,9 +371,9 @@ def _interpreter_main(seed: int) -> None:
                     a.shape == b.shape for a, b in zip(g_t, g_r)),
                 "dtype_ok": o_t.dtype == q.dtype and all(a.dtype == q.dtype for a in g_t),
                 "finite": bool(torch.isfinite(o_t).all()) and all(bool(torch.isfinite(a).all()) for a in g_t),
-                "out": _rel_err(o_t, o_r), "out64": _rel_err(o_t, want64), "state": _rel_err(s_t, s_r),
-                "dq": _rel_err(g_t[0], g_r[0], 1.0), "dk": _rel_err(g_t[1], g_r[1], 1.0),
-                "dv": _rel_err(g_t[2], g_r[2], 1.0),
+                "out": rel_err(o_t, o_r), "out64": rel_err(o_t, want64), "state": rel_err(s_t, s_r),
+                "dq": rel_err(g_t[0], g_r[0], 1.0), "dk": rel_err(g_t[1], g_r[1], 1.0),
+                "dv": rel_err(g_t[2], g_r[2], 1.0),
             }
         except Exception as exc:  # noqa: BLE001  (report; the parent test fails with the message)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -406,7 +399,7 @@ def _interpreter_main(seed: int) -> None:
     o_t, kv_t = m(x)
     m.impl = "reference"
     o_r, kv_r = m(x)
-    results["_module"] = {"out": _rel_err(o_t, o_r), "kv": _rel_err(kv_t, kv_r)}
+    results["_module"] = {"out": rel_err(o_t, o_r), "kv": rel_err(kv_t, kv_r)}
     _interpreter.emit(results)
 
 
@@ -490,7 +483,7 @@ def test_compiled_backward_matches_float64(case, phi, dtype, tol, rng, poisoned)
         leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
         want_out, _ = _expected64(*leaves, phi, 1e-6)
         want = torch.autograd.grad(want_out, leaves, g.double())
-        assert _rel_err(out, want_out) <= tol, f"{case} {layout}: out (seed={seed})"
+        assert rel_err(out, want_out) <= tol, f"{case} {layout}: out (seed={seed})"
         scales = _cancellation_scales(q, k, v, g, phi, 1e-6)
         for name, a, b, t, scale in zip("qkv", grads, want, (q, k, v), scales):
             assert a.dtype == dtype and a.shape == t.shape, name
@@ -512,7 +505,7 @@ def test_compiled_backward_nan_and_eps(phi, rng, poisoned):
     want = torch.autograd.grad(ref.linear_attention(*leaves, phi=phi, eps=1e-6), leaves, g)
     for name, a, b in zip("qkv", (dq, dk, dv), want):
         assert torch.equal(torch.isnan(a), torch.isnan(b)), f"d{name} NaN pattern (seed={seed})"
-        assert _rel_err(torch.nan_to_num(a), torch.nan_to_num(b), 1.0) <= 1e-5, f"d{name} (seed={seed})"
+        assert rel_err(torch.nan_to_num(a), torch.nan_to_num(b), 1.0) <= 1e-5, f"d{name} (seed={seed})"
     assert torch.isnan(dq[0, 1, 3]).any() and torch.isfinite(dq[1]).all() and torch.isfinite(dk[0, 0]).all()
     q[0, 1, 3, 2] = 0.5  # not 0: there relu's derivative is a convention (torch: 0, the clamp restatement: 1)
     for t in (q, k):  # phi(q)·z > 0 for every query: with eps = 0 a zero denominator is 0 / 0 (NaN) in every path
@@ -622,7 +615,7 @@ def test_gpu_matches_reference_real_shapes(impl, dtype, tol, phi, rng, poisoned)
     assert torch.isfinite(o_k).all() and all(torch.isfinite(a).all() for a in g_k), f"seed={seed}"
     for key, a, b in (("out", o_k, o_r), ("state", s_k, s_r), ("dq", g_k[0], g_r[0]),
                       ("dk", g_k[1], g_r[1]), ("dv", g_k[2], g_r[2])):
-        err = _rel_err(a, b, 1.0 if key.startswith("d") else 1e-30)
+        err = rel_err(a, b, 1.0 if key.startswith("d") else 1e-30)
         assert err <= tol, f"{impl} {dtype} {phi} {key}: rel err {err:.2e} > {tol} (seed={seed})"
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tests import _interpreter
+from tests._numerics import rel_err
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import fc_gelu, linear_gelu
 
@@ -24,10 +25,6 @@ def _gelu64(x, w, b):
     erf = np.vectorize(math.erf)
     return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
 
-
-def _rel_err(got, want):
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    return float((got - want).abs().max() / want.abs().max())
 
 
 def test_reference_matches_numpy_float64(rng):
@@ -118,7 +115,7 @@ def _interpreter_main(seed: int) -> None:
             y = linear_gelu(x, w, b, impl="triton")
             want = _gelu64(x.double().numpy(), w.double().numpy(), None if b is None else b.double().numpy())
             results[name] = {"shape_ok": tuple(y.shape) == (*x.shape[:-1], w.shape[0]), "dtype_ok": y.dtype == x.dtype,
-                             "finite": bool(torch.isfinite(y).all()), "err": _rel_err(y, torch.from_numpy(want)),
+                             "finite": bool(torch.isfinite(y).all()), "err": rel_err(y, torch.from_numpy(want)),
                              "low_precision": x.dtype != torch.float32}
         except Exception as exc:  # noqa: BLE001  (report; the parent test fails with the message)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -126,7 +123,7 @@ def _interpreter_main(seed: int) -> None:
     x, w, b = _interp_inputs("fp32", seed)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, want = linear_gelu(x, w, b, impl="triton"), F.gelu(F.linear(x, w, b))
-    results["_autocast"] = {"dtype_ok": y.dtype == want.dtype == torch.bfloat16, "err": _rel_err(y, want)}
+    results["_autocast"] = {"dtype_ok": y.dtype == want.dtype == torch.bfloat16, "err": rel_err(y, want)}
     # a NaN in one input row gives NaN in exactly its output row
     x = x.clone()
     x[1, 4, 7] = float("nan")
@@ -154,7 +151,7 @@ def _interpreter_main(seed: int) -> None:
             mlp.impl = "triton"
             fused = mlp(xm)
             mlp.impl = "reference"
-            errs[name] = _rel_err(fused, mlp(xm))
+            errs[name] = rel_err(fused, mlp(xm))
     results["_mlps"] = errs
     _interpreter.emit(results)
 
@@ -201,7 +198,7 @@ def test_gpu_matches_float64_real_shapes(dtype, tol, rng, poisoned):
     b = torch.randn(3072, device="cuda", generator=gen).to(dtype)
     y = linear_gelu(x, w, b)
     want = F.gelu(F.linear(x.double(), w.double(), b.double()))
-    assert y.dtype == dtype and _rel_err(y, want) <= tol, f"rel err {_rel_err(y, want):.2e} (seed={seed})"
+    assert y.dtype == dtype and rel_err(y, want) <= tol, f"rel err {rel_err(y, want):.2e} (seed={seed})"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tests import _interpreter
+from tests._numerics import rel_err
 from tests._op_errors import expect_errors
 from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
@@ -122,11 +123,6 @@ def _argmin_ok(idx, x, p, per_location=False, tol=1e-5):
     return bool((picked - d.amin(-1) <= tol).all() and exact >= 0.9)
 
 
-def _rel(got, want):
-    got = np.asarray(got.detach().double() if isinstance(got, torch.Tensor) else got, np.float64)
-    want = np.asarray(want.detach().double() if isinstance(want, torch.Tensor) else want, np.float64)
-    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max())) if want.size else 0.0
-
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-12}
 
@@ -155,7 +151,7 @@ def test_attention_reference_matches_float64(kind, M, shared, dtype, seed):
         want = np_attention(q.double(), k.double(), v.double(), kind, D ** -0.5)
     got = prototype_attention(q, k, v, kind=kind, scale=scale, impl="reference")
     assert got.dtype == dtype and tuple(got.shape) == (B, H, N, DV)
-    assert _rel(got, want) <= TOL[dtype], f"seed={seed}"
+    assert rel_err(got, want, floor=1.0) <= TOL[dtype], f"seed={seed}"
     # auto on CPU is the reference
     assert torch.equal(prototype_attention(q, k, v, kind=kind, scale=scale), got)
 
@@ -168,7 +164,7 @@ def test_attention_scale_forms(seed):
     assert torch.equal(a, prototype_attention(q, k, v, scale=s.reshape(4, 1, 1)))
     assert torch.allclose(prototype_attention(q, k, v, scale=2.0), prototype_attention(q, k, v, scale=torch.full((4,), 2.0)))
     want = np_attention(q, k, v, "softmax", 0.3)
-    assert _rel(prototype_attention(q, k, v, kind="softmax", scale=0.3), want) <= 1e-5
+    assert rel_err(prototype_attention(q, k, v, kind="softmax", scale=0.3), want, floor=1.0) <= 1e-5
 
 
 @pytest.mark.parametrize("bank", ["shared", "batch", "location"])
@@ -186,15 +182,15 @@ def test_route_reference_matches_float64(bank, M, dtype, seed):
     d, idx = route(x, p, mode="nearest")
     wd, _ = np_route(xd, pd, "nearest", per_location=loc)
     assert d.dtype == dtype and idx.dtype == torch.int64
-    assert _rel(d, wd) <= tol, f"seed={seed}"
+    assert rel_err(d, wd, floor=1.0) <= tol, f"seed={seed}"
     if dtype == torch.float32:
         assert _argmin_ok(idx, xd, pd, loc), f"seed={seed}"
     for tau in (0.07, 1.0):
         out, w = route(x, p, mode="soft", tau=tau)
         wo, ww = np_route(xd, pd, "soft", tau=tau, per_location=loc)
-        assert _rel(out, wo) <= tol and _rel(w, ww) <= tol, f"tau={tau} seed={seed}"
+        assert rel_err(out, wo, floor=1.0) <= tol and rel_err(w, ww, floor=1.0) <= tol, f"tau={tau} seed={seed}"
     lin = route(x, p, mode="linear")
-    assert _rel(lin, np_route(xd, pd, "linear", per_location=loc)) <= tol, f"seed={seed}"
+    assert rel_err(lin, np_route(xd, pd, "linear", per_location=loc), floor=1.0) <= tol, f"seed={seed}"
 
 
 def test_route_ambiguous_bank_needs_flag(seed):
@@ -204,8 +200,8 @@ def test_route_ambiguous_bank_needs_flag(seed):
         route(x, p)
     a = route(x, p, per_location=True, mode="linear")
     b = route(x, p, per_location=False, mode="linear")
-    assert _rel(a, np_route(x, p, "linear", per_location=True)) <= 1e-5
-    assert _rel(b, np_route(x, p, "linear", per_location=False)) <= 1e-5
+    assert rel_err(a, np_route(x, p, "linear", per_location=True), floor=1.0) <= 1e-5
+    assert rel_err(b, np_route(x, p, "linear", per_location=False), floor=1.0) <= 1e-5
 
 
 def test_route_nearest_ties_lowest_index_and_nan():
@@ -423,8 +419,8 @@ def _interpreter_main(seed: int) -> None:
             gg = torch.autograd.grad(got, ins, g)
             gw = torch.autograd.grad(want, ins, g)
             res[name] = {"dtype_ok": got.dtype == dtype, "finite": bool(torch.isfinite(got).all()),
-                         "err": _rel(got, want),
-                         "gerr": max(_rel(a, b) for a, b in zip(gg, gw)), "dt": dt}
+                         "err": rel_err(got, want, floor=1.0),
+                         "gerr": max(rel_err(a, b, floor=1.0) for a, b in zip(gg, gw)), "dt": dt}
         except Exception as exc:
             res[name] = {"error": f"{type(exc).__name__}: {exc}"}
     for i, (B, N, M, C, bank, dt, strided) in enumerate(ROUTE_CASES):
@@ -440,9 +436,9 @@ def _interpreter_main(seed: int) -> None:
             gg = torch.autograd.grad(d, [x, p], g)
             gw = torch.autograd.grad(dr, [x, p], g)
             res[name] = {"dtype_ok": d.dtype == dtype and idx.dtype == torch.int64,
-                         "finite": bool(torch.isfinite(d).all()), "err": _rel(d, dr),
+                         "finite": bool(torch.isfinite(d).all()), "err": rel_err(d, dr, floor=1.0),
                          "idx_ok": _argmin_ok(idx, x.detach().double(), p.detach().double()) if dt == "float32" else True,
-                         "gerr": max(_rel(a, b) for a, b in zip(gg, gw)), "dt": dt}
+                         "gerr": max(rel_err(a, b, floor=1.0) for a, b in zip(gg, gw)), "dt": dt}
         except Exception as exc:
             res[name] = {"error": f"{type(exc).__name__}: {exc}"}
     # ties and NaN through the streaming argmin (duplicates across prototype blocks)
@@ -504,8 +500,8 @@ def _route_mode_cases(seed: int, res: dict) -> None:
             gw = torch.autograd.grad(want, [xd, pd], [g.double() for g in gs])
             res[name] = {"dtype_ok": all(o.dtype == dtype for o in got + gg),
                          "finite": all(bool(torch.isfinite(t).all()) for t in got + gg),
-                         "err": max(_rel(a, b) for a, b in zip(got, want)),
-                         "gerr": max(_rel(a, b) for a, b in zip(gg, gw)), "dt": dt}
+                         "err": max(rel_err(a, b, floor=1.0) for a, b in zip(got, want)),
+                         "gerr": max(rel_err(a, b, floor=1.0) for a, b in zip(gg, gw)), "dt": dt}
             if mode == "nearest" and dt == "float32":
                 res[name]["idx_ok"] = _argmin_ok(idx, xd.detach(), pd.detach(), per_location=True)
         except Exception as exc:
@@ -536,7 +532,7 @@ def _route_mode_cases(seed: int, res: dict) -> None:
         od = route(xd, pg.double(), mode=mode, tau=0.2, impl="reference")
         o, od = (o[0], od[0]) if mode == "soft" else (o, od)
         cases[f"expanded_{mode}"] = (torch.autograd.grad(o.sum(), xg)[0], torch.autograd.grad(od.sum(), xd)[0])
-    res["_grad_paths"] = {k: (_rel(a, b), bool(torch.isfinite(a).all())) for k, (a, b) in cases.items()}
+    res["_grad_paths"] = {k: (rel_err(a, b, floor=1.0), bool(torch.isfinite(a).all())) for k, (a, b) in cases.items()}
 
 
 interpreter_results = _interpreter.results_fixture(__file__)
@@ -613,7 +609,7 @@ def test_compiled_route_nearest_matches_float64(bank, M, dtype, seed, poisoned):
     wd, _ = np_route(x.detach().double().numpy(), p.detach().double().numpy(), "nearest", per_location=loc)
     assert d.dtype == dtype and idx.dtype == torch.int64 and d.shape == (B, N) and idx.shape == (B, N)
     assert torch.isfinite(d).all() and int(idx.min()) >= 0 and int(idx.max()) < M, f"seed={seed}"
-    assert _rel(d, wd) <= TOL[dtype], f"seed={seed}"
+    assert rel_err(d, wd, floor=1.0) <= TOL[dtype], f"seed={seed}"
     if dtype == torch.float32:
         assert _argmin_ok(idx, x.detach().double(), p.detach().double(), loc), f"seed={seed}"
         # the gradient follows the argmin: compare with the reference where both picked the same prototype
@@ -621,13 +617,13 @@ def test_compiled_route_nearest_matches_float64(bank, M, dtype, seed, poisoned):
         assert same.float().mean() > 0.9, f"seed={seed}"
         g = torch.randn(B, N, generator=gen) * same
         for a, b in zip(torch.autograd.grad(d, [x, p], g), torch.autograd.grad(dr, [x, p], g)):
-            assert _rel(a, b) <= 1e-5, f"seed={seed}"
+            assert rel_err(a, b, floor=1.0) <= 1e-5, f"seed={seed}"
         # only the bank requires grad (frozen features routed to learnt prototypes): it still gets one
         pp = p.detach().requires_grad_()
         (gp,) = torch.autograd.grad(_compiled_route(x.detach(), pp, loc)[0], pp, g)
         (gp_r,) = torch.autograd.grad(route(x.detach(), pp, per_location=loc if pp.dim() == 3 else None,
                                             impl="reference")[0], pp, g)
-        assert _rel(gp, gp_r) <= 1e-5, f"seed={seed}"
+        assert rel_err(gp, gp_r, floor=1.0) <= 1e-5, f"seed={seed}"
 
 
 @needs_compiled
@@ -695,9 +691,9 @@ def test_compiled_attention_matches_float64(kind, shared, M, dtype, seed, poison
     want = np_attention(q.double(), k.double(), v.double(), kind,
                         scale.double().numpy() if isinstance(scale, torch.Tensor) else scale)
     assert out.dtype == dtype and out.shape == (B, H, N, DV) and torch.isfinite(out).all(), f"seed={seed}"
-    assert _rel(out, want) <= TOL[dtype], f"rel err {_rel(out, want):.2e} (seed={seed})"
+    assert rel_err(out, want, floor=1.0) <= TOL[dtype], f"rel err {rel_err(out, want, floor=1.0):.2e} (seed={seed})"
     ref_out = prototype_attention(q, k, v, kind=kind, scale=scale, impl="reference")
-    assert _rel(out, ref_out) <= TOL[dtype], f"seed={seed}"
+    assert rel_err(out, ref_out, floor=1.0) <= TOL[dtype], f"seed={seed}"
 
 
 def _compiled_attn_train(q, k, v, kind, scale):
@@ -738,14 +734,14 @@ def test_compiled_attention_backward_matches_float64(kind, shared, M, dtype, see
     want_leaves = [t.detach().double().requires_grad_() for t in leaves]
     want_out = _ref.prototype_attention(*want_leaves[:3], kind=kind, scale=want_leaves[3])
     want = torch.autograd.grad(want_out, want_leaves, g.double())
-    assert _rel(out, want_out) <= TOL[dtype], f"seed={seed}"
+    assert rel_err(out, want_out, floor=1.0) <= TOL[dtype], f"seed={seed}"
     for name, a, b, leaf in zip("qkvs", got, want, leaves):
         assert a.dtype == leaf.dtype and a.shape == leaf.shape, name
         assert torch.isfinite(a).all(), f"{name} seed={seed}"
         if name == "s":  # a sum over every query and prototype whose terms cancel: measured against their size
             err = float(((a.double() - b).abs().flatten() / _dscale_terms(q, k, v, g, kind, scale).clamp_min(1)).max())
         else:
-            err = _rel(a, b)
+            err = rel_err(a, b, floor=1.0)
         assert err <= TOL[dtype], f"d{name} rel err {err:.2e} (seed={seed})"
 
 
@@ -783,14 +779,14 @@ def test_compiled_attention_backward_nan_and_zero_vectors(seed, poisoned):
         assert torch.isfinite(dq[1]).all() and torch.isfinite(dk[1]).all() and torch.isfinite(dv[1]).all(), kind
         for a, b in ((dq, wq), (dk, wk), (dv, wv)):
             assert torch.equal(torch.isnan(a), torch.isnan(b)), kind
-            assert _rel(torch.nan_to_num(a), torch.nan_to_num(b)) <= 1e-5, kind
+            assert rel_err(torch.nan_to_num(a), torch.nan_to_num(b), floor=1.0) <= 1e-5, kind
     q = torch.zeros(1, 1, 2, 4, requires_grad=True)
     k, v = torch.randn(1, 3, 4, generator=gen).requires_grad_(), torch.randn(1, 3, 4, generator=gen)
     s = torch.full((1, 1, 1), 2.0)
     g = torch.randn(1, 1, 2, 4, generator=gen)
     (dq,) = torch.autograd.grad(_compiled_attn_train(q, k, v, "relu_cos", s), (q,), g)
     (wq,) = torch.autograd.grad(_ref.prototype_attention(q, k, v, kind="relu_cos", scale=s), (q,), g)
-    assert torch.isfinite(dq).all() and _rel(dq, wq) <= 1e-5
+    assert torch.isfinite(dq).all() and rel_err(dq, wq, floor=1.0) <= 1e-5
 
 
 @needs_compiled_attention
@@ -823,7 +819,7 @@ def test_compiled_route_soft_linear_match_float64(mode, bank, M, dtype, seed, po
     want_np = want_np if mode == "soft" else (want_np,)
     for a, b in zip(got, want_np):
         assert a.dtype == dtype and torch.isfinite(a).all(), f"seed={seed}"
-        assert _rel(a, b) <= TOL[dtype], f"{mode} {bank} M={M}: rel err {_rel(a, b):.2e} (seed={seed})"
+        assert rel_err(a, b, floor=1.0) <= TOL[dtype], f"{mode} {bank} M={M}: rel err {rel_err(a, b, floor=1.0):.2e} (seed={seed})"
     gs = [torch.randn(a.shape, generator=gen).to(dtype) for a in got]
     grads = torch.autograd.grad(got, (x, p), gs)
     leaves = [t.detach().double().requires_grad_() for t in (x, p)]
@@ -831,7 +827,7 @@ def test_compiled_route_soft_linear_match_float64(mode, bank, M, dtype, seed, po
     want = want if mode == "soft" else (want,)
     for name, a, b in zip("xp", grads, torch.autograd.grad(want, leaves, [g.double() for g in gs])):
         assert a.dtype == dtype and a.shape == b.shape, name
-        assert _rel(a, b) <= TOL[dtype], f"d{name} {mode} {bank} M={M}: rel err {_rel(a, b):.2e} (seed={seed})"
+        assert rel_err(a, b, floor=1.0) <= TOL[dtype], f"d{name} {mode} {bank} M={M}: rel err {rel_err(a, b, floor=1.0):.2e} (seed={seed})"
 
 
 @needs_compiled_attention_backward
@@ -844,7 +840,7 @@ def test_compiled_route_soft_weights_only_and_nan(seed, poisoned):
     leaves = [t.detach().double().requires_grad_() for t in (x, p)]
     want = torch.autograd.grad(_ref.route(*leaves, mode="soft", tau=0.5)[1], leaves, g.double())
     for a, b in zip(got, want):
-        assert _rel(a, b) <= 1e-5, f"seed={seed}"
+        assert rel_err(a, b, floor=1.0) <= 1e-5, f"seed={seed}"
     xn = x.detach().clone()
     xn[1, 2, 3] = float("nan")
     for mode in ("soft", "linear"):
@@ -950,10 +946,10 @@ def test_gpu_attention_real_shapes(M, kind, dtype, seed):
     got = prototype_attention(q, k, v, kind=kind, scale=s, impl="triton")
     want = prototype_attention(q, k, v, kind=kind, scale=s, impl="reference")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert _rel(got.cpu(), want.cpu()) <= tol
+    assert rel_err(got.cpu(), want.cpu(), floor=1.0) <= tol
     g = torch.randn_like(got)
     for a, b in zip(torch.autograd.grad(got, ins, g), torch.autograd.grad(want, ins, g)):
-        assert _rel(a.cpu(), b.cpu()) <= tol
+        assert rel_err(a.cpu(), b.cpu(), floor=1.0) <= tol
 
 
 @pytest.mark.gpu
@@ -977,7 +973,7 @@ def test_gpu_route_nearest_real_shapes(impl, M, dtype, seed):
     finally:
         _triton_pkg.POISON_OUTPUTS = old
     dr, _ = route(x, p, impl="reference")
-    assert _rel(d.cpu(), dr.cpu()) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(d.cpu(), dr.cpu(), floor=1.0) <= (1e-5 if dtype == torch.float32 else 1e-2)
     if dtype == torch.float32:
         assert _argmin_ok(idx.cpu(), x.double().cpu(), p.double().cpu())
 
@@ -1003,9 +999,9 @@ def test_gpu_compiled_attention_real_shapes(M, kind, dtype, seed, poisoned):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     got = prototype_attention(q, k, v, kind=kind, scale=s, impl="cuda")
     want = prototype_attention(q, k, v, kind=kind, scale=s, impl="reference")
-    assert _rel(got.cpu(), want.cpu()) <= tol, f"seed={seed}"
+    assert rel_err(got.cpu(), want.cpu(), floor=1.0) <= tol, f"seed={seed}"
     for name, a, b in zip("qkvs", torch.autograd.grad(got, (q, k, v, s), g), torch.autograd.grad(want, (q, k, v, s), g)):
-        assert _rel(a.cpu(), b.cpu()) <= tol, f"d{name} seed={seed}"
+        assert rel_err(a.cpu(), b.cpu(), floor=1.0) <= tol, f"d{name} seed={seed}"
 
 
 GPU_ROUTE_CASES = {  # name: (mode, x shape, bank shape, per_location)
@@ -1041,12 +1037,12 @@ def test_gpu_route_modes_real_shapes(name, dtype, impl, seed):
     want = want[:1] if mode == "nearest" else (want if isinstance(want, tuple) else (want,))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, b in zip(got, want):
-        assert _rel(a.cpu(), b.cpu()) <= tol, f"{name} seed={seed}"
+        assert rel_err(a.cpu(), b.cpu(), floor=1.0) <= tol, f"{name} seed={seed}"
     if mode == "nearest":  # its gradient follows the argmin, which a float32 near-tie may flip
         return
     gs = [torch.randn_like(o) for o in got]
     for a, b in zip(torch.autograd.grad(got, [x, p], gs), torch.autograd.grad(want, [x, p], gs)):
-        assert _rel(a.cpu(), b.cpu()) <= tol, f"{name} seed={seed}"
+        assert rel_err(a.cpu(), b.cpu(), floor=1.0) <= tol, f"{name} seed={seed}"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from tests import _interpreter
+from tests._numerics import rel_err
 from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import ot_alignment_loss, sinkhorn
@@ -80,11 +81,6 @@ def _marginals(gen, B, N, K, given, dtype=torch.float64):
     return a.to(dtype), b.to(dtype), a.numpy(), b.numpy()
 
 
-def _rel_err(got, want):
-    got = torch.as_tensor(got).detach().double()
-    want = torch.as_tensor(want).detach().double()
-    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
-
 
 # (B, N, K, given marginals, eps)
 CASES = {
@@ -112,14 +108,14 @@ def test_reference_matches_numpy_float64(case, rng):
     want_plan, want_loss = _numpy_sinkhorn(cost.numpy(), a_np, b_np, eps)
     plan, loss = sinkhorn(cost, eps=eps, n_iters=20000, tol=1e-13, a=a, b=b)
     assert plan.dtype == torch.float64 and plan.shape == (B, N, K) and loss.shape == (B,)
-    assert _rel_err(plan, want_plan) <= 1e-8, f"{case}: plan (seed={seed})"
-    assert _rel_err(loss, want_loss) <= 1e-8, f"{case}: loss (seed={seed})"
+    assert rel_err(plan, want_plan) <= 1e-8, f"{case}: plan (seed={seed})"
+    assert rel_err(loss, want_loss) <= 1e-8, f"{case}: loss (seed={seed})"
     # float32 at a float32-sized tolerance
     a32 = None if a is None else a.float()
     b32 = None if b is None else b.float()
     plan32, loss32 = sinkhorn(cost.float(), eps=eps, n_iters=5000, tol=1e-7, a=a32, b=b32)
     assert plan32.dtype == torch.float32
-    assert _rel_err(plan32, want_plan) <= 2e-3, f"{case}: float32 plan (seed={seed})"
+    assert rel_err(plan32, want_plan) <= 2e-3, f"{case}: float32 plan (seed={seed})"
     assert float(np.abs(loss32.double().numpy() - want_loss).max()) <= 1e-4, f"{case}: float32 loss (seed={seed})"
 
 
@@ -131,7 +127,7 @@ def test_reference_half_computed_in_float32(dtype, rng):
     plan, loss = sinkhorn(cost, eps=0.1, n_iters=1000)
     want_plan, want_loss = sinkhorn(cost.float(), eps=0.1, n_iters=1000)
     assert plan.dtype == dtype and loss.dtype == dtype
-    assert _rel_err(plan, want_plan) <= 1e-2 and _rel_err(loss, want_loss) <= 1e-2, f"seed={seed}"
+    assert rel_err(plan, want_plan) <= 1e-2 and rel_err(loss, want_loss) <= 1e-2, f"seed={seed}"
 
 
 @pytest.mark.parametrize("case", ["uniform", "given", "k64"])
@@ -234,7 +230,7 @@ def test_ot_alignment_loss_gradient(shared, normalize, rng):
     want = ((plan * cost).sum((1, 2)) + eps * (plan * log_t).sum((1, 2))).mean()
     wx, wp = torch.autograd.grad(want, (x, p))
     assert abs(float(got.detach()) - float(want.detach())) <= 1e-10 * max(1.0, abs(float(want.detach()))), f"value (seed={seed})"
-    assert _rel_err(gx, wx) <= 1e-8 and _rel_err(gp, wp) <= 1e-8, f"grads (seed={seed})"
+    assert rel_err(gx, wx) <= 1e-8 and rel_err(gp, wp) <= 1e-8, f"grads (seed={seed})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,7 +373,7 @@ def _interpreter_main(seed: int) -> None:
                 "shape_ok": pt.shape == pr.shape and lt.shape == lr.shape and gt.shape == gr.shape,
                 "dtype_ok": pt.dtype == cost.dtype and lt.dtype == cost.dtype and gt.dtype == cost.dtype,
                 "finite": bool(torch.isfinite(pt).all() and torch.isfinite(lt).all() and torch.isfinite(gt).all()),
-                "plan": _rel_err(pt, pr), "loss": _rel_err(lt, lr), "grad": _rel_err(gt, gr),
+                "plan": rel_err(pt, pr), "loss": rel_err(lt, lr), "grad": rel_err(gt, gr),
                 "iters_ref": it_r.tolist(), "iters_triton": it_t.tolist(),
             }
         except Exception as exc:  # noqa: BLE001  (report; the parent test fails with the message)
@@ -393,7 +389,7 @@ def _interpreter_main(seed: int) -> None:
     la, lb = ref.log_marginals(cost, None, None, torch.float32)
     plan_t, _, it = tm.solve(cost[[0]], la[[0]], lb[[0]], 0.02, 4, 0.0)
     plan_r, _ = ref.sinkhorn(cost[[0]], eps=0.02, n_iters=4, tol=0.0)  # far from converged: exact schedule
-    results["_cap"] = it.tolist() == [4] and _rel_err(plan_t, plan_r) <= 1e-4
+    results["_cap"] = it.tolist() == [4] and rel_err(plan_t, plan_r) <= 1e-4
     # K > 64: forced triton refuses with the reason
     try:
         sinkhorn(torch.rand(1, 4, 65), impl="triton")
@@ -409,7 +405,7 @@ def _interpreter_main(seed: int) -> None:
         xx, pp = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
         v = ot_alignment_loss(xx, pp, normalize=True, impl=impl)
         vals[impl] = (v.detach(), *torch.autograd.grad(v, (xx, pp)))
-    results["_ot_loss"] = [_rel_err(t, r) for t, r in zip(vals["triton"], vals["reference"])]
+    results["_ot_loss"] = [rel_err(t, r) for t, r in zip(vals["triton"], vals["reference"])]
     _interpreter.emit(results)
 
 
@@ -475,7 +471,7 @@ def test_compiled_solver_matches_reference(name, rng, poisoned):
     assert torch.isfinite(plan).all() and torch.isfinite(loss).all() and torch.isfinite(grad).all(), f"seed={seed}"
     tol = 1e-4 if INTERP_CASES[name][5] == "float32" else 1e-2
     for key, got, want in (("plan", plan, plan_r), ("loss", loss, loss_r), ("grad", grad, grad_r)):
-        assert _rel_err(got, want) <= tol, f"{name}: {key} rel err {_rel_err(got, want):.2e} (seed={seed})"
+        assert rel_err(got, want) <= tol, f"{name}: {key} rel err {rel_err(got, want):.2e} (seed={seed})"
     cap = 300 if INTERP_CASES[name][5] == "float32" else 301
     for i_r, i_c in zip(iters_r.tolist(), iters.tolist()):
         assert abs(i_r - i_c) <= 1 and 1 <= i_c < cap, f"{name}: iters {iters_r} vs {iters} (seed={seed})"
@@ -491,7 +487,7 @@ def test_compiled_solver_far_column_takes_the_exact_pass(rng, poisoned):
     cost[:, :, 0] += 12.0  # ~120 eps above every row's best entry
     plan, loss, _, _, _ = _compiled(cost, None, None, 0.1, 300, 1e-6)
     plan_r, loss_r = ref.sinkhorn(cost, eps=0.1, n_iters=300, tol=1e-6)
-    assert torch.isfinite(plan).all() and _rel_err(plan, plan_r) <= 1e-4, f"seed={seed}"
+    assert torch.isfinite(plan).all() and rel_err(plan, plan_r) <= 1e-4, f"seed={seed}"
     assert float(plan[:, :, 0].sum(1).min()) > 0.19, f"column 0 lost its mass (seed={seed})"
 
 
@@ -508,7 +504,7 @@ def test_compiled_solver_nan_cap_and_tol_zero(rng, poisoned):
     la, lb = ref.log_marginals(cost, None, None, torch.float32)
     plan_c, loss_c, iters = ops_sk._compiled_solve(cost[[0]], la[[0]], lb[[0]], 0.02, 4, 0.0)
     plan_r, loss_r = ref.sinkhorn(cost[[0]], eps=0.02, n_iters=4, tol=0.0)
-    assert iters.tolist() == [4] and _rel_err(plan_c, plan_r) <= 1e-4 and _rel_err(loss_c, loss_r) <= 1e-4
+    assert iters.tolist() == [4] and rel_err(plan_c, plan_r) <= 1e-4 and rel_err(loss_c, loss_r) <= 1e-4
     # n_iters = 1: one f- and one g-update
     _, _, iters = ops_sk._compiled_solve(cost[[0, 2]], la[[0, 2]], lb[[0, 2]], 0.1, 1, 1e-6)
     assert iters.tolist() == [1, 1]
@@ -540,7 +536,7 @@ def test_compiled_solver_argument_errors():
     # the largest K is accepted
     cost = torch.rand(1, 7, 64)
     plan, loss, _ = ops_sk._compiled_solve(cost, *ref.log_marginals(cost, None, None, torch.float32), 0.1, 50, 1e-6)
-    assert _rel_err(plan, ref.sinkhorn(cost, eps=0.1, n_iters=50, tol=1e-6)[0]) <= 1e-4
+    assert rel_err(plan, ref.sinkhorn(cost, eps=0.1, n_iters=50, tol=1e-6)[0]) <= 1e-4
 
 
 def test_cuda_impl_without_a_cuda_extension_is_an_error():
@@ -593,7 +589,7 @@ def test_gpu_kernel_matches_reference_real_shapes(impl, K, dtype, tol, rng):
         assert torch.equal(plan_a, plan_t), f"impl='auto' did not take the Triton path (seed={seed})"
     assert torch.isfinite(plan_t).all() and torch.isfinite(loss_t).all(), f"seed={seed}"
     assert torch.equal(c_t.grad, plan_t), f"seed={seed}"
-    assert _rel_err(plan_t, plan_r) <= tol and _rel_err(loss_t, loss_r) <= tol, f"{impl} K={K} {dtype} (seed={seed})"
+    assert rel_err(plan_t, plan_r) <= tol and rel_err(loss_t, loss_r) <= tol, f"{impl} K={K} {dtype} (seed={seed})"
 
 
 if __name__ == "__main__":

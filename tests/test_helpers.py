@@ -1,4 +1,5 @@
-"""The interpreter harness itself (``tests/_interpreter.py``): its bfloat16 rounding is the GPU's."""
+"""The test suite's own instruments: the interpreter harness's bfloat16 rounding is the GPU's
+(``tests/_interpreter.py``), and the error measure means what it says (``tests/_numerics.py``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from tests import _interpreter
+from tests._numerics import rel_err
 
 
 def test_bfloat16_bits_round_to_nearest_even_like_torch(rng):
@@ -42,3 +44,13 @@ def test_the_interpreter_cast_rounds_after_the_patch():
     assert np.array_equal(out.data, torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16))
     back = builder.cast_impl(out, tl.float32)
     assert np.array_equal(back.data.view(np.float32), np.array([1.0078125, -2.5, 7.0], dtype=np.float32))
+
+
+def test_rel_err_is_the_max_error_over_the_max_magnitude():
+    want = torch.tensor([1.0, -4.0, 0.5])
+    assert rel_err(want + torch.tensor([0.0, 0.0, 0.2]), want) == pytest.approx(0.05)
+    assert rel_err(np.array([1.0, -4.0, 0.5]), want.numpy()) == 0.0  # arrays too
+    assert rel_err(torch.tensor([0.001]), torch.tensor([0.0]), floor=1.0) == pytest.approx(0.001)  # floor
+    assert rel_err(torch.empty(0), torch.empty(0)) == 0.0
+    assert not rel_err(torch.tensor([float("nan")]), torch.tensor([1.0])) <= 1.0  # a NaN fails any bound
+    assert rel_err(torch.tensor([1.0], requires_grad=True) * 2, torch.tensor([1.0])) == 1.0  # detached
