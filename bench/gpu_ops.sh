@@ -5,6 +5,7 @@
 #   BUILD=1 TESTS=1 TAG=bf16 BENCH_ARGS="--dtype bfloat16" bash bench/gpu_ops.sh
 #   BENCH_ARGS="--dtype bfloat16 --only linear_gelu" MODELS_ARGS="--quick --models inpformer,proad" bash bench/gpu_ops.sh
 #   PROFILE=inpformer bash bench/gpu_ops.sh      # top GPU kernels of one B=64 forward, fused and reference
+#   HOST=1 bash bench/gpu_ops.sh                 # bench/host_overhead.py on this machine's CPU (launches stubbed)
 set -u
 OUT=${OUT:-/tmp/fastproto_gpu}; mkdir -p "$OUT"; TAG=${TAG:-run}
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -31,6 +32,10 @@ if [ -n "${MODELS_ARGS+x}" ]; then
   timeout ${MODELS_TIMEOUT:-300} python3 bench/models.py --device cuda $MODELS_ARGS --json "$OUT/models_$TAG.json" \
     > "$OUT/models_$TAG.log" 2>&1
   echo "models rc=$? in $(( $(date +%s) - start )) s"; cut -c1-170 "$OUT/models_$TAG.log" | tail -${MODELS_TAIL:-30}
+fi
+if [ "${HOST:-0}" = 1 ]; then
+  timeout ${HOST_TIMEOUT:-120} python3 bench/host_overhead.py --json "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
+  echo "host overhead rc=$?"; cat "$OUT/host_overhead.log" | tail -10
 fi
 if [ -n "${PROFILE:-}" ]; then
   for mode in "" --reference; do
