@@ -1,5 +1,5 @@
 """The test suite's own instruments: the interpreter harness's bfloat16 rounding is the GPU's
-(``tests/_interpreter.py``), and the error measure means what it says (``tests/_numerics.py``)."""
+(``tests/_interpreter.py``), and the error measure means what it says (``tests/_tensors.py``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests import _interpreter
-from tests._numerics import rel_err
+from tests._tensors import rel_err, strided_leaf
 
 
 def test_bfloat16_bits_round_to_nearest_even_like_torch(rng):
@@ -54,3 +54,16 @@ def test_rel_err_is_the_max_error_over_the_max_magnitude():
     assert rel_err(torch.empty(0), torch.empty(0)) == 0.0
     assert not rel_err(torch.tensor([float("nan")]), torch.tensor([1.0])) <= 1.0  # a NaN fails any bound
     assert rel_err(torch.tensor([1.0], requires_grad=True) * 2, torch.tensor([1.0])) == 1.0  # detached
+
+
+def test_strided_leaf_keeps_the_layout_and_takes_gradients():
+    store = torch.full((2, 6, 10), float("nan"))
+    view = store[:, ::2, :4]  # gaps: every second row, a padded last dim
+    view.copy_(torch.randn(2, 3, 4))
+    assert view.detach().clone().stride() != view.stride()  # why the helper exists
+    leaf = strided_leaf(view)
+    assert leaf.stride() == view.stride() and torch.equal(leaf.detach(), view)
+    (grad,) = torch.autograd.grad((leaf * 3).sum(), [leaf])
+    assert torch.equal(grad, torch.full((2, 3, 4), 3.0))
+    plain = torch.randn(3)
+    assert strided_leaf(plain).is_leaf and strided_leaf(plain).requires_grad and strided_leaf(None) is None

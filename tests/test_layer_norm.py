@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import _interpreter
-from tests._numerics import rel_err
+from tests._tensors import rel_err, strided_leaf
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import LayerNorm, add_layer_norm, layer_norm
 
@@ -384,6 +384,7 @@ INTERP_CASES = {
     "mod_shared_no_residual": ((4, 9, 48), "float32", None, None, True, None, False),
     "adaln_fp16": ((2, 13, 40), "float16", "float16", "float16", False, None, False),
     "per_row_2d": ((6, 24), "float32", "float32", "float32", True, None, False),
+    "strided_vectors": ((3, 7, 40), "float32", "float32", "float32", True, None, False),
 }
 
 #: name -> (layout of scale, modulation dtype, modulation layout): "channel" [C], "sample" [B, 1, ..., C]
@@ -394,6 +395,10 @@ ADALN = {
     "adaln_fp16": ("sample", "float16", "sample"),
     "per_row_2d": ("sample", "float32", "sample"),
 }
+
+#: cases whose [C] / per-sample vectors are strided views (every second element; chunks of one wider tensor, as
+#: DiT's gate, shift and scale are chunks of one adaLN output), not contiguous tensors
+STRIDED_VECTORS = ("strided_vectors", "adaln_fp32_affine_strided", "dit_bf16")
 
 
 def _interp_inputs(name, seed):
@@ -411,22 +416,29 @@ def _interp_inputs(name, seed):
 
     glayout, mdt, mlayout = ADALN.get(name, ("channel", None, None))
     per_sample = (shape[0],) + (1,) * (len(shape) - 2) + (C,)
+    def vec(layout, dtype, scale=1.0, offset=0.0):
+        shp = per_sample if layout == "sample" else (C,)
+        t = (torch.randn(shp, generator=gen) * scale + offset).to(dtype)
+        if name in STRIDED_VECTORS:  # per sample: a chunk of [.., 3C]; [C]: every second element of [2C]
+            wide = torch.zeros(*shp[:-1], 3 * C if layout == "sample" else 2 * C, dtype=dtype)
+            view = wide[..., C:2 * C] if layout == "sample" else wide[::2]
+            view.copy_(t)
+            t = view
+        return t
+
     x = make(shape, xdt, 1e-3 if "tiny" in name else 1.0)
     r = make(shape, rdt, 3.0) if rdt else None
-    g = (torch.rand(per_sample if glayout == "sample" else (C,), generator=gen) + 0.5).to(DTYPES[gdt]) if gdt else None
-    w = torch.randn(C, generator=gen) if affine else None
-    b = torch.randn(C, generator=gen) if affine else None
-    mod = None
-    if mdt:
-        vec = per_sample if mlayout == "sample" else (C,)
-        mod = (torch.randn(vec, generator=gen).to(DTYPES[mdt]), (0.5 * torch.randn(vec, generator=gen)).to(DTYPES[mdt]))
+    g = vec(glayout, DTYPES[gdt], 0.3, 1.0) if gdt else None
+    w = vec("channel", torch.float32) if affine else None
+    b = vec("channel", torch.float32) if affine else None
+    mod = (vec(mlayout, DTYPES[mdt]), vec(mlayout, DTYPES[mdt], 0.5)) if mdt else None
     return x, r, g, w, b, (DTYPES[odt] if odt else None), mod
 
 
 def _run(x, r, g, w, b, out_dtype, impl, dout, ds, mod=None):
     """Forward, then gradients of ``sum(out * dout) + sum(s * ds)`` for every tensor input (x, r, g, w, b, then the
     modulation's shift and scale)."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, r, g, w, b, *(mod or ()))]
+    leaves = [strided_leaf(t) for t in (x, r, g, w, b, *(mod or ()))]
     lx, lr, lg, lw, lb = leaves[:5]
     out, s = add_layer_norm(lx, lr, lw, lb, scale=lg, eps=1e-6, out_dtype=out_dtype, impl=impl,
                             modulation=None if mod is None else tuple(leaves[5:]))

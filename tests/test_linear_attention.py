@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import _interpreter
-from tests._numerics import rel_err
+from tests._tensors import rel_err, strided_leaf
 from tests._op_errors import expect_errors
 from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
@@ -345,7 +345,7 @@ def _interp_case(name, seed):
 
 
 def _fwd_bwd(q, k, v, g, phi, impl):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    leaves = [strided_leaf(t) for t in (q, k, v)]
     out, state = linear_attention_with_state(*leaves, phi=phi, eps=1e-6, impl=impl)
     grads = torch.autograd.grad(out, leaves, g)
     return out.detach(), state.detach(), grads
@@ -436,7 +436,7 @@ needs_compiled = pytest.mark.skipif(not _ext.has_op(ops_la.COMPILED_OP, "cpu"),
 def _compiled_fwd_bwd(q, k, v, g, phi, eps=1e-6):
     """Output and gradients through the autograd Function with the compiled kernel pair, as
     linear_attention(impl="cuda") runs it (here on the extension's CPU kernels)."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    leaves = [strided_leaf(t) for t in (q, k, v)]
     out, _ = ops_la._LinearAttentionFn.apply(ops_la._KERNELS["cuda"], *leaves, phi, eps, False)
     return out.detach(), torch.autograd.grad(out, leaves, g)
 
@@ -501,7 +501,7 @@ def test_compiled_backward_nan_and_eps(phi, rng, poisoned):
     q, k, v, g = (_make(gen, s) for s in [(2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 4), (2, 2, 5, 4)])
     q[0, 1, 3, 2] = float("nan")
     _, (dq, dk, dv) = _compiled_fwd_bwd(q, k, v, g, phi)
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    leaves = [strided_leaf(t) for t in (q, k, v)]
     want = torch.autograd.grad(ref.linear_attention(*leaves, phi=phi, eps=1e-6), leaves, g)
     for name, a, b in zip("qkv", (dq, dk, dv), want):
         assert torch.equal(torch.isnan(a), torch.isnan(b)), f"d{name} NaN pattern (seed={seed})"

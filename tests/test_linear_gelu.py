@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tests import _interpreter
-from tests._numerics import rel_err
+from tests._tensors import rel_err
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import fc_gelu, linear_gelu
 

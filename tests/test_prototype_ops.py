@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tests import _interpreter
-from tests._numerics import rel_err
+from tests._tensors import rel_err
 from tests._op_errors import expect_errors
 from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests import _interpreter
-from tests._numerics import rel_err
+from tests._tensors import rel_err, strided_leaf
 from fastproto import _ext
 from fastproto import triton as _triton_pkg  # noqa: E402  (POISON_OUTPUTS switch)
 from fastproto.ops import ot_alignment_loss, sinkhorn
@@ -359,7 +359,7 @@ def _interpreter_main(seed: int) -> None:
             kw = {"eps": eps, "n_iters": 300, "tol": 1e-6, "a": a, "b": b}
             out = {}
             for impl in ("reference", "triton"):
-                c = cost.detach().clone().requires_grad_(True)
+                c = strided_leaf(cost)
                 plan, loss = sinkhorn(c, impl=impl, **kw)
                 w = torch.linspace(0.5, 1.5, cost.shape[0], dtype=loss.dtype)
                 (grad,) = torch.autograd.grad((loss * w).sum(), c)

@@ -152,8 +152,11 @@ def _rows(t: Optional[torch.Tensor], c: int) -> Optional[torch.Tensor]:
 
 
 def _vector(t: Optional[torch.Tensor], c: int) -> Optional[torch.Tensor]:
-    """A shared ``[C]`` vector as is; a per-sample ``[B, 1, ..., C]`` one as contiguous ``[B, C]``."""
-    return t if t is None or t.dim() == 1 else t.reshape(-1, c).contiguous()
+    """A shared ``[C]`` vector as is (contiguous); a per-sample ``[B, 1, ..., C]`` one as ``[B, C]`` with any row stride
+    (a view where the strides allow it: DiT's gate, shift and scale are chunks of one adaLN output)."""
+    if t is None or t.dim() == 1:
+        return t if t is None or t.stride(0) == 1 else t.contiguous()
+    return _rows(t, c)
 
 
 def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -197,9 +200,9 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     c = x.shape[-1]
     rows_per_group = x.numel() // (c * x.shape[0]) if x.dim() >= 2 else 1
     with device_guard(x.device):
-        out, s = apply(_AddLayerNormFn, _rows(x, c), _rows(residual, c), _vector(scale, c), weight, bias,
-                                       _vector(shift, c), _vector(mscale, c), eps, rows_per_group, ln_dtype,
-                                       out_dtype)
+        out, s = apply(_AddLayerNormFn, _rows(x, c), _rows(residual, c),
+                       *(_vector(t, c) for t in (scale, weight, bias, shift, mscale)), eps, rows_per_group, ln_dtype,
+                       out_dtype)
     out = out.view(x.shape)
     return out, (x if s is None else s.view(x.shape))
 

@@ -54,10 +54,11 @@ def _load_rows(ptr, rows, cols, stride, mask):
 
 
 @triton.jit
-def _load_vec(ptr, grp, C, cols, mr, mc, PER_GROUP: tl.constexpr):
-    """A [C] vector as [1, BLOCK_C] (float32), or the rows ``grp`` of a [G, C] tensor as [BLOCK_R, BLOCK_C]."""
+def _load_vec(ptr, grp, stride, cols, mr, mc, PER_GROUP: tl.constexpr):
+    """A [C] vector as [1, BLOCK_C] (float32), or the rows ``grp`` of a [G, C] tensor (row stride ``stride``) as
+    [BLOCK_R, BLOCK_C]."""
     if PER_GROUP:
-        offs = grp.to(tl.int64)[:, None] * C + cols[None, :]
+        offs = grp.to(tl.int64)[:, None] * stride + cols[None, :]
         v = tl.load(ptr + offs, mask=mr[:, None] & mc[None, :], other=0.0).to(tl.float32)
     else:
         v = tl.load(ptr + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
@@ -68,7 +69,7 @@ def _load_vec(ptr, grp, C, cols, mr, mc, PER_GROUP: tl.constexpr):
 def _add_ln_fwd_kernel(
     x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, sh_ptr, ms_ptr,
     out_ptr, s_ptr, mean_ptr, rstd_ptr,
-    R, C, x_stride, r_stride, rows_per_group, eps,
+    R, C, x_stride, r_stride, g_stride, sh_stride, ms_stride, rows_per_group, eps,
     HAS_R: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
     G_PER_GROUP: tl.constexpr, MOD_PER_GROUP: tl.constexpr,
     BR_DT: tl.constexpr, S_DT: tl.constexpr, LN_DT: tl.constexpr, MS_DT: tl.constexpr, MOD_DT: tl.constexpr,
@@ -82,7 +83,7 @@ def _add_ln_fwd_kernel(
     grp = rows // rows_per_group
     s = _load_rows(x_ptr, rows, cols, x_stride, m)
     if HAS_G:
-        s = (s * _load_vec(g_ptr, grp, C, cols, mr, mc, G_PER_GROUP)).to(BR_DT).to(tl.float32)
+        s = (s * _load_vec(g_ptr, grp, g_stride, cols, mr, mc, G_PER_GROUP)).to(BR_DT).to(tl.float32)
     if HAS_R:
         s = (_load_rows(r_ptr, rows, cols, r_stride, m) + s).to(S_DT).to(tl.float32)
     if HAS_R or HAS_G:
@@ -96,18 +97,18 @@ def _add_ln_fwd_kernel(
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
     if HAS_MOD:
-        k = (1.0 + _load_vec(ms_ptr, grp, C, cols, mr, mc, MOD_PER_GROUP)).to(MS_DT).to(tl.float32)
+        k = (1.0 + _load_vec(ms_ptr, grp, ms_stride, cols, mr, mc, MOD_PER_GROUP)).to(MS_DT).to(tl.float32)
         y = (y.to(LN_DT).to(tl.float32) * k).to(MOD_DT).to(tl.float32)
-        y = (y + _load_vec(sh_ptr, grp, C, cols, mr, mc, MOD_PER_GROUP)).to(MOD_DT).to(tl.float32)
+        y = (y + _load_vec(sh_ptr, grp, sh_stride, cols, mr, mc, MOD_PER_GROUP)).to(MOD_DT).to(tl.float32)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
     tl.store(mean_ptr + rows, mean, mask=mr)
     tl.store(rstd_ptr + rows, rstd, mask=mr)
 
 
 @triton.jit
-def _group_vec(ptr, group, C, cols, mc, PER_GROUP: tl.constexpr):
-    """Row ``group`` of a [G, C] tensor, or the [C] vector, as [1, BLOCK_C] float32."""
-    base = ptr + group.to(tl.int64) * C if PER_GROUP else ptr
+def _group_vec(ptr, group, stride, cols, mc, PER_GROUP: tl.constexpr):
+    """Row ``group`` of a [G, C] tensor (row stride ``stride``), or the [C] vector, as [1, BLOCK_C] float32."""
+    base = ptr + group.to(tl.int64) * stride if PER_GROUP else ptr
     return tl.load(base + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
 
 
@@ -115,7 +116,7 @@ def _group_vec(ptr, group, C, cols, mc, PER_GROUP: tl.constexpr):
 def _add_ln_bwd_kernel(
     dout_ptr, gs_ptr, s_ptr, x_ptr, g_ptr, w_ptr, b_ptr, ms_ptr, mean_ptr, rstd_ptr,
     dx_ptr, dr_ptr, dw_ptr, db_ptr, dg_ptr, dsh_ptr, dms_ptr,
-    C, s_stride, x_stride, rows_per_group, tiles_per_group,
+    C, s_stride, x_stride, g_stride, ms_stride, rows_per_group, tiles_per_group,
     HAS_GS: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
     G_PER_GROUP: tl.constexpr, MOD_PER_GROUP: tl.constexpr, LN_DT: tl.constexpr, MS_DT: tl.constexpr,
     STORE_DX: tl.constexpr, STORE_DR: tl.constexpr, SUM_W: tl.constexpr, SUM_B: tl.constexpr, SUM_G: tl.constexpr,
@@ -131,9 +132,9 @@ def _add_ln_bwd_kernel(
     if HAS_B:
         b = tl.load(b_ptr + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
     if HAS_G:  # a program's rows are all in one group
-        g = _group_vec(g_ptr, group, C, cols, mc, G_PER_GROUP)
+        g = _group_vec(g_ptr, group, g_stride, cols, mc, G_PER_GROUP)
     if HAS_MOD:
-        k = (1.0 + _group_vec(ms_ptr, group, C, cols, mc, MOD_PER_GROUP)).to(MS_DT).to(tl.float32)
+        k = (1.0 + _group_vec(ms_ptr, group, ms_stride, cols, mc, MOD_PER_GROUP)).to(MS_DT).to(tl.float32)
     acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -222,7 +223,8 @@ def forward(x: torch.Tensor, residual: Optional[torch.Tensor], scale: Optional[t
             sdtype: torch.dtype, ln_dtype: torch.dtype, mod_dtype: torch.dtype, out_dtype: torch.dtype):
     """``(out, s, mean, rstd)`` for 2-D ``x``/``residual`` [R, C]; ``s`` is None without residual and scale.
 
-    ``scale``, ``shift`` and ``mscale`` are [C] or [R // rows_per_group, C] (one row per group of rows);
+    ``scale``, ``shift`` and ``mscale`` are [C] or [R // rows_per_group, C] (one row per group of rows, any row
+    stride, the last dim contiguous);
     ``shift`` and ``mscale`` come together (the modulation) or not at all, in one of the two layouts."""
     rows, c = x.shape
     dev = x.device
@@ -236,7 +238,8 @@ def forward(x: torch.Tensor, residual: Optional[torch.Tensor], scale: Optional[t
         weight if weight is not None else x, bias if bias is not None else x,
         shift if shift is not None else x, mscale if mscale is not None else x,
         out, s if s is not None else out, mean, rstd,
-        rows, c, x.stride(0), residual.stride(0) if residual is not None else 0, max(1, rows_per_group), eps,
+        rows, c, x.stride(0), residual.stride(0) if residual is not None else 0,
+        *(_group_stride(t) for t in (scale, shift, mscale)), max(1, rows_per_group), eps,
         HAS_R=residual is not None, HAS_G=scale is not None, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_MOD=shift is not None, G_PER_GROUP=_per_group(scale), MOD_PER_GROUP=_per_group(mscale),
         BR_DT=_TL_DTYPES[branch_dtype], S_DT=_TL_DTYPES[sdtype], LN_DT=_TL_DTYPES[ln_dtype],
@@ -248,6 +251,11 @@ def forward(x: torch.Tensor, residual: Optional[torch.Tensor], scale: Optional[t
 
 def _per_group(t: Optional[torch.Tensor]) -> bool:
     return t is not None and t.dim() == 2
+
+
+def _group_stride(t: Optional[torch.Tensor]) -> int:
+    """The row stride of a per-group [G, C] tensor (e.g. a chunk of a wider adaLN output), else 0."""
+    return t.stride(0) if _per_group(t) else 0
 
 
 def backward(grad_out: torch.Tensor, grad_s: Optional[torch.Tensor], s: torch.Tensor, x: Optional[torch.Tensor],
@@ -284,7 +292,8 @@ def backward(grad_out: torch.Tensor, grad_s: Optional[torch.Tensor], s: torch.Te
         *(t if t is not None else any_ptr for t in (scale, weight, bias, mscale)), mean, rstd,
         dx if dx is not None else any_ptr, dr if dr is not None else any_ptr,
         *(p if p is not None else mean for p in parts),
-        c, s.stride(0), x.stride(0) if x is not None else 0, rows_per_group, tiles_per_group,
+        c, s.stride(0), x.stride(0) if x is not None else 0, _group_stride(scale), _group_stride(mscale),
+        rows_per_group, tiles_per_group,
         HAS_GS=grad_s is not None, HAS_G=scale is not None, HAS_W=weight is not None,
         HAS_B=bias is not None and has_mod, HAS_MOD=has_mod, G_PER_GROUP=_per_group(scale),
         MOD_PER_GROUP=_per_group(mscale), LN_DT=_TL_DTYPES[ln_dtype],
