@@ -512,6 +512,20 @@ def _interpreter_main(seed: int) -> None:
     row[1, 4] = True
     results["_nan_row"] = bool(torch.isnan(out[row]).all()) and bool(torch.isfinite(out[~row]).all()) and \
         int(torch.isnan(s).sum()) == 1
+    # a NaN in one sample's modulation shift gives NaN in exactly that sample's outputs (its channel), s untouched;
+    # one in a sample's gate reaches that sample's s and outputs only
+    x, r, g, w, b, _, (sh, ms) = _interp_inputs("adaln_fp32_affine_strided", seed)
+    sh = sh.clone()
+    sh[1, 0, 5] = float("nan")
+    out, s = add_layer_norm(x, r, w, b, scale=g, modulation=(sh, ms), impl="triton")
+    nan_out = torch.isnan(out)
+    mod_ok = bool(nan_out[1, :, 5].all()) and int(nan_out.sum()) == out.shape[1] and bool(torch.isfinite(s).all())
+    g = g.clone()
+    g[2, 0, 0] = float("nan")
+    out, s = add_layer_norm(x, r, w, b, scale=g, modulation=(ms, ms), impl="triton")
+    gate_ok = bool(torch.isnan(out[2]).all()) and bool(torch.isfinite(out[:2]).all()) and \
+        bool(torch.isnan(s[2, :, 0]).all()) and int(torch.isnan(s).sum()) == s.shape[1]
+    results["_nan_modulation"] = mod_ok and gate_ok
     # unsupported inputs: forced triton refuses with the reason
     for key, args in (("_float64_refused", (torch.randn(3, 8, dtype=torch.float64), None, None)),
                       ("_wide_refused", (torch.randn(2, ops_ln.MAX_C + 1), None, None))):
@@ -608,6 +622,7 @@ def test_triton_interpreter_partial_gradients(interpreter_results):
 def test_triton_interpreter_nan_unsupported_module(interpreter_results):
     seed, res = interpreter_results
     assert res["_nan_row"], f"NaN did not propagate to exactly its row (seed={seed})"
+    assert res["_nan_modulation"], f"NaN in a per-sample gate / shift did not stay in its sample (seed={seed})"
     assert res["_float64_refused"] and res["_wide_refused"], f"unsupported inputs not refused (seed={seed})"
     assert res["_module"] <= 1e-5, f"module rel err {res['_module']:.2e} (seed={seed})"
 
