@@ -819,7 +819,8 @@ def test_compiled_route_soft_linear_match_float64(mode, bank, M, dtype, seed, po
     want_np = want_np if mode == "soft" else (want_np,)
     for a, b in zip(got, want_np):
         assert a.dtype == dtype and torch.isfinite(a).all(), f"seed={seed}"
-        assert rel_err(a, b, floor=1.0) <= TOL[dtype], f"{mode} {bank} M={M}: rel err {rel_err(a, b, floor=1.0):.2e} (seed={seed})"
+        err = rel_err(a, b, floor=1.0)
+        assert err <= TOL[dtype], f"{mode} {bank} M={M}: rel err {err:.2e} (seed={seed})"
     gs = [torch.randn(a.shape, generator=gen).to(dtype) for a in got]
     grads = torch.autograd.grad(got, (x, p), gs)
     leaves = [t.detach().double().requires_grad_() for t in (x, p)]
@@ -827,7 +828,8 @@ def test_compiled_route_soft_linear_match_float64(mode, bank, M, dtype, seed, po
     want = want if mode == "soft" else (want,)
     for name, a, b in zip("xp", grads, torch.autograd.grad(want, leaves, [g.double() for g in gs])):
         assert a.dtype == dtype and a.shape == b.shape, name
-        assert rel_err(a, b, floor=1.0) <= TOL[dtype], f"d{name} {mode} {bank} M={M}: rel err {rel_err(a, b, floor=1.0):.2e} (seed={seed})"
+        err = rel_err(a, b, floor=1.0)
+        assert err <= TOL[dtype], f"d{name} {mode} {bank} M={M}: rel err {err:.2e} (seed={seed})"
 
 
 @needs_compiled_attention_backward

@@ -4,11 +4,12 @@
 ``s = residual + gamma * x`` (the new residual stream) and ``out = LayerNorm(s)`` (the next branch's
 input); ``layer_norm`` is the same without the residual. DiT's adaLN-Zero blocks are covered too: the
 branch scale may be a per-sample gate ``[B, 1, C]`` and ``modulation=(shift, scale)`` applies
-``modulate(LayerNorm(s), shift, scale) = LayerNorm(s) * (1 + scale) + shift`` in the same pass. In a ViT block under bfloat16 autocast the
-eager path spends more time on these element-wise passes than on attention: LayerScale, the residual add,
-LayerNorm (float32 under autocast) and the cast to bfloat16 for the next Linear each read and write the
-float32 token tensor. The fused kernel reads ``x`` and ``residual`` once and writes ``s`` and ``out``
-once, ``out`` directly in the dtype the next Linear wants (``out_dtype``).
+``modulate(LayerNorm(s), shift, scale) = LayerNorm(s) * (1 + scale) + shift`` in the same pass.
+
+In a ViT block under bfloat16 autocast the eager path spends more time on these element-wise passes than
+on attention: LayerScale, the residual add, LayerNorm (float32 under autocast) and the cast to bfloat16 for
+the next Linear each read and write the float32 token tensor. The fused kernel reads ``x`` and ``residual``
+once and writes ``s`` and ``out`` once, ``out`` directly in the dtype the next Linear wants (``out_dtype``).
 
 The maths lives in :mod:`fastproto.reference.layer_norm` (plain PyTorch, ground truth, CPU path);
 :mod:`fastproto.triton.layer_norm` holds the kernels (forward and analytic backward, in Triton).
@@ -78,10 +79,11 @@ class _AddLayerNormFn(torch.autograd.Function):
                 ln_dtype=ctx.ln_dtype, dx_dtype=x_dtype if needs[0] else None, dr_dtype=r_dtype if needs[1] else None,
                 sum_weight=weight is not None and needs[3], sum_bias=b_dtype is not None and needs[4],
                 sum_scale=scale is not None and needs[2], sum_modulation=mscale is not None and (needs[5] or needs[6]))
-        cast = (lambda t, dtype: None if t is None else t.to(dtype))
-        return (dx, dr, cast(dg, None if scale is None else scale.dtype), cast(dw, None if weight is None else weight.dtype),
-                cast(db, b_dtype), cast(dsh, sh_dtype), cast(dms, None if mscale is None else mscale.dtype),
-                None, None, None, None)
+        def like(grad, t, dtype=None):  # a float32 column sum in its parameter's dtype
+            return None if grad is None else grad.to(dtype or t.dtype)
+
+        return (dx, dr, like(dg, scale), like(dw, weight), like(db, None, b_dtype), like(dsh, None, sh_dtype),
+                like(dms, mscale), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
