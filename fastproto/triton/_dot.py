@@ -18,15 +18,17 @@ import triton.language as tl
 from fastproto.triton import interpreter_enabled
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# read once, as Triton does when the kernels are defined (at import): a later change of TRITON_INTERPRET does not
+# turn jitted kernels into interpreted ones, and the launchers skip an environment lookup per launch
+_CONFIGS = {dtype: ((tl.float32, "ieee") if interpreter_enabled() else (dot, "tf32x3"))
+            for dtype, dot in _DOT_DTYPES.items()}
 
 
 def dot_config(dtype: torch.dtype):
     """``(DOT_DT, PREC)`` constexprs for :func:`mm` given the kernel's input dtype."""
-    if dtype not in _DOT_DTYPES:
+    if dtype not in _CONFIGS:
         raise TypeError(f"no Triton matrix-product configuration for dtype {dtype}")
-    if interpreter_enabled():
-        return tl.float32, "ieee"
-    return _DOT_DTYPES[dtype], "tf32x3"
+    return _CONFIGS[dtype]
 
 
 @triton.jit
