@@ -148,3 +148,29 @@ def test_apply_skips_autograd_only_when_no_gradient_can_flow():
     assert out.grad_fn is not None and not aux.requires_grad and calls[-1] != "_InferenceContext"
     out.sum().backward()
     assert torch.equal(leaf.grad, torch.full((5,), 3.0))
+
+
+def test_every_op_function_forward_runs_on_the_inference_context():
+    """``_dispatch.apply`` runs an op's Function forward on ``_InferenceContext`` when no gradient can flow; on the
+    CPU the ops take their references, so only a GPU would run that path for real. Every ``forward(ctx, ...)`` in
+    fastproto.ops may therefore read only what the context provides (attributes it sets are fine)."""
+    import ast
+    import pathlib
+
+    from fastproto.ops import _dispatch
+
+    provided = {name for name in vars(_dispatch._InferenceContext) if not name.startswith("_")}
+    provided |= set(vars(_dispatch._InferenceContext(1)))
+    root = pathlib.Path(_dispatch.__file__).parent
+    checked = 0
+    for path in sorted(root.glob("*.py")):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            for fn in cls.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name == "forward" and fn.args.args[:1] and \
+                        fn.args.args[0].arg == "ctx":
+                    read = {n.attr for n in ast.walk(fn)
+                            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                            and n.value.id == "ctx" and not isinstance(n.ctx, ast.Store)}
+                    assert read <= provided, f"{path.name}:{cls.name}.forward reads ctx.{sorted(read - provided)}"
+                    checked += 1
+    assert checked >= 10, checked
