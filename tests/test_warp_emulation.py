@@ -14,11 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # every case the harness must report (so a harness that silently runs less cannot pass)
 EXPECTED = (
     [f"proto_forward kind={k} M={m}" for k in (0, 1, 2, 3) for m in (1, 6, 13, 33, 64)]
-    + [f"proto_backward kind={k} M={m}" for k in (0, 1, 2, 3) for m in (1, 13, 64)]
+    + [f"proto_backward kind={k} M={m}{part}" for k in (0, 1, 2, 3) for m in (1, 13, 64) for part in ("", " d_scale")]
     + [f"linear_attention phi={p}" for p in (0, 1)]
     + [f"route_nearest M={m}" for m in (1, 7, 40)]
     + [f"sinkhorn K={k} far=0" for k in (2, 8, 64)] + ["sinkhorn K=8 far=6"]
 )
+
+
+def _bound(name: str) -> float:
+    """Both runs sum the same float32 terms in another order, so they agree to float32 reordering noise: 1e-5 of the
+    outputs' magnitude (measured up to 7.8e-7). The gradient of the attention scale is a sum over queries x prototypes
+    whose terms cancel (an O(1) result of larger terms); its noise reached 1.03e-5 (seed 743075462, softmax, M=64) and
+    6.5e-6 over 9 other seeds, so it gets 1e-4. A lane that drops its share or a skipped collective is off by O(1e-2)
+    or more (or exits)."""
+    return 1e-4 if name.endswith(" d_scale") else 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -42,5 +51,5 @@ def test_32_lanes_match_one_thread(harness, rng):
         name, err = line.rsplit(" ", 1)
         errors[name] = float(err)
     assert sorted(errors) == sorted(EXPECTED), f"cases run: {sorted(errors)}"
-    bad = {name: err for name, err in errors.items() if not err <= 1e-5}  # NaN fails too
+    bad = {name: err for name, err in errors.items() if not err <= _bound(name)}  # NaN fails too
     assert not bad, f"32 lanes differ from one thread (seed={seed}): {bad}"
