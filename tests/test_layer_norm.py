@@ -483,7 +483,9 @@ def _interpreter_main(seed: int) -> None:
                 "s_is_x": s_is_x if not has_s else None,
                 # 16-bit s: every step rounds as the eager expression does (no contraction possible), so equal bits
                 "s_exact": torch.equal(s_t, s_r) if s_t.dtype in (torch.float16, torch.bfloat16) else None,
-                "grads": [rel_err(a, e, 1e-3) for a, e in zip(g_t, g_64)],
+                # floor 1 (inputs and dout are O(1)): a column sum over few rows can cancel to ~0 (C=1: d bias is
+                # one sum of 6 random-signed terms), where a relative error measures float32 rounding, not the kernel
+                "grads": [rel_err(a, e, 1.0) for a, e in zip(g_t, g_64)],
                 "low_precision": any(t.dtype != torch.float32 for t in inputs) or odt not in (None, torch.float32),
             }
         except Exception as exc:  # noqa: BLE001  (report; the parent test fails with the message)
@@ -501,7 +503,7 @@ def _interpreter_main(seed: int) -> None:
             used = s if use == "s" else out
             grads = torch.autograd.grad((used.double() * ds).sum(), leaves, allow_unused=True)
             per_impl.append([torch.zeros(t.shape) if q is None else q for q, t in zip(grads, leaves)])
-        partial[use] = [rel_err(a, e, 1e-3) for a, e in zip(*per_impl)]
+        partial[use] = [rel_err(a, e, 1.0) for a, e in zip(*per_impl)]
     results["_partial"] = partial
     # a NaN in one element gives NaN in exactly its row
     x, r, g, w, b, _, _ = _interp_inputs("fp32_full", seed)
