@@ -188,7 +188,7 @@ def _compiled_route(x, p, mode, tau, per_location):
         q, k = x.unsqueeze(1), p.unsqueeze(1)
     s = torch.full((1,), 1.0 / tau if mode == "soft" else 1.0, dtype=torch.float32, device=x.device)
     out, w = apply(_ProtoAttnFn, _ATTENTION["cuda"], q, k, k, None, _ROUTE_KIND[mode], s, _ref.COS_EPS,
-                                mode == "soft")
+                   mode == "soft")
     back = (lambda t: t[:, 0].transpose(0, 1)) if per_location else (lambda t: t[:, 0])
     return (back(out), back(w)) if mode == "soft" else back(out)
 
