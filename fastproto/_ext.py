@@ -22,9 +22,25 @@ def _load():
                 from fastproto import _C  # noqa: F401  (registers torch.ops.fastproto.*)
 
                 _LOADED = (_C, None)
+                _register_fakes()
             except ImportError as exc:  # not built, or built against another torch
                 _LOADED = (None, str(exc))
     return _LOADED
+
+
+# operators that write into the output tensors they are given and return nothing: their shape-only (fake)
+# implementation, for torch.compile, does nothing (fastproto.ops._dispatch.kernel_op)
+_WRITING_OPS = ("sinkhorn_solve", "route_nearest", "prototype_attention_forward", "prototype_attention_backward",
+                "linear_attention_forward", "linear_attention_backward")
+
+
+def _register_fakes() -> None:
+    for name in _WRITING_OPS:
+        torch.library.register_fake(f"fastproto::{name}")(_writes_only)
+
+
+def _writes_only(*args, **kwargs) -> None:
+    return None
 
 
 def available() -> bool:

@@ -250,10 +250,11 @@ class DinoVisionTransformer(Backbone):
         The interpolation is cached per grid size (keyed on the parameter's storage and version, so
         loading weights, moving the model or an in-place update recomputes it): PyTorch's bicubic
         kernel parallelises over output pixels only and took 5.4 ms per forward on an H100 (9 % of an
-        INP-Former batch of 64). Not cached while the parameter is being trained (autograd graph)."""
+        INP-Former batch of 64). Not cached while the parameter is being trained (autograd graph), nor under
+        ``torch.compile`` (the compiled graph computes it; a storage-keyed cache would break the graph)."""
         grid = (h // self.patch_size, w // self.patch_size)
         p = self.pos_embed
-        cacheable = not (p.requires_grad and torch.is_grad_enabled())
+        cacheable = not (p.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
         key = (grid, p.device, p.dtype, p.data_ptr(), p._version)
         if cacheable and self._pos_cache is not None and self._pos_cache[0] == key:
             pos = self._pos_cache[1]

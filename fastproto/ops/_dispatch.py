@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import numbers
+import typing
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -70,10 +73,66 @@ def apply(fn, *args):
     """``fn.apply(*args)`` for an op's ``torch.autograd.Function``, or, when autograd would record nothing (grad
     mode off, or no tensor argument requires grad), ``fn.forward`` on an inert context: the same outputs without
     the ``Function.apply`` machinery (about 10 us of host time per call, most of an inference op's overhead
-    besides the kernel launch)."""
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    besides the kernel launch). Under ``torch.compile`` always ``fn.apply``: dynamo traces the Function itself."""
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return fn.apply(*args)
     return fn.forward(_InferenceContext(len(args)), *args)
+
+
+def _none_output() -> torch.Tensor:
+    """How a kernel op returns a None output through the operator boundary (operators return tensors only):
+    an empty 1-D bool tensor, a dtype no kernel output has."""
+    return torch.empty(0, dtype=torch.bool)
+
+
+def _is_none_output(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bool and t.dim() == 1 and t.shape[0] == 0
+
+
+def kernel_op(name: str, *, fake: Optional[Callable] = None):
+    """Decorator for a function that launches kernels (Triton or the compiled extension's) and returns a tensor
+    or a tuple of tensors and Nones: registers it as the custom operator ``torch.ops.fastproto.<name>``, which
+    ``torch.compile`` keeps as one opaque call with known output shapes (dynamo cannot trace into a Triton
+    launcher). The function's annotations give the operator's schema.
+
+    Its fake (shape-only) implementation is the function itself by default: the Triton launchers allocate their
+    outputs and skip their launches on fake tensors (:func:`fastproto.triton.shapes_only`), and the compiled
+    extension's operators have no-op fakes (:mod:`fastproto._ext`), so outputs' shapes, dtypes and strides come
+    from the one allocation code. ``fake`` overrides it (a function of the same arguments).
+
+    Outside compilation the decorated name calls the function directly: the operator's dispatch would add
+    about 10 us of host time per call."""
+
+    def wrap(fn):
+        hints = typing.get_type_hints(fn)
+        single = hints.pop("return") is torch.Tensor
+        sig = inspect.signature(fn)
+        sig = sig.replace(parameters=[prm.replace(annotation=hints[prm.name]) for prm in sig.parameters.values()],
+                          return_annotation=list[torch.Tensor])
+
+        def boxed(impl):
+            def run(*args, **kwargs):
+                out = impl(*args, **kwargs)
+                return [out] if single else [_none_output() if t is None else t for t in out]
+
+            run.__signature__ = sig
+            return run
+
+        op = torch.library.custom_op(f"fastproto::{name}", boxed(fn), mutates_args=())
+        op.register_fake(boxed(fake or fn))
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if not torch.compiler.is_compiling():
+                return fn(*args, **kwargs)
+            out = op(*args, **kwargs)
+            return out[0] if single else tuple(None if _is_none_output(t) else t for t in out)
+
+        call.op = op
+        return call
+
+    return wrap
 
 
 def _compiled_missing(compiled_op: Optional[str]) -> Optional[str]:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from fastproto.ops._dispatch import apply, device_guard, resolve_impl
+from fastproto.ops._dispatch import apply, device_guard, kernel_op, resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.anomaly_map")
@@ -47,6 +47,42 @@ def _resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor]) -> str:
     return resolve_impl(op, impl, tensors, impls=("triton",), has_backward=False)
 
 
+def _map_args(members, sizes, eval_size):
+    """The kernel ops' flat list arguments back as ``groups`` (None for one pair per group) and ``eval_size``."""
+    groups, at = [], 0
+    for size in sizes:
+        groups.append(list(members[at: at + size]))
+        at += size
+    return (groups or None), (None if eval_size is None else tuple(eval_size))
+
+
+def _reference_map(enc: list[torch.Tensor], dec: list[torch.Tensor], out_size: list[int], members: list[int],
+                   sizes: list[int], sigma: Optional[float], kernel_size: int,
+                   eval_size: Optional[list[int]]) -> torch.Tensor:
+    groups, eval_size = _map_args(members, sizes, eval_size)
+    return _ref.anomaly_map(enc, dec, tuple(out_size), groups=groups, sigma=sigma, kernel_size=kernel_size,
+                            eval_size=eval_size)
+
+
+# the reference is the fake: the launcher's cached constant tensors must not be built from fake tensors
+@kernel_op("triton_anomaly_map", fake=_reference_map)
+def _triton_map(enc: list[torch.Tensor], dec: list[torch.Tensor], out_size: list[int], members: list[int],
+                sizes: list[int], sigma: Optional[float], kernel_size: int,
+                eval_size: Optional[list[int]]) -> torch.Tensor:
+    groups, eval_size = _map_args(members, sizes, eval_size)
+    return _triton_module().anomaly_map(enc, dec, tuple(out_size), groups=groups, sigma=sigma,
+                                        kernel_size=kernel_size, eval_size=eval_size)
+
+
+def _reference_blur(maps: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
+    return _ref.gaussian_blur(maps, sigma=sigma, kernel_size=kernel_size)
+
+
+@kernel_op("triton_gaussian_blur", fake=_reference_blur)
+def _triton_blur(maps: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
+    return _triton_module().gaussian_blur(maps, sigma=sigma, kernel_size=kernel_size)
+
+
 class _AnomalyMapTritonFn(torch.autograd.Function):
     """Thin autograd wrapper of the Triton forward. Forward only: inputs that require grad never
     reach it (see :func:`_resolve_impl`); the backward raises in case one slips through."""
@@ -54,10 +90,10 @@ class _AnomalyMapTritonFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, *features):
         n = cfg["n_pairs"]
-        out = _triton_module().anomaly_map(
-            features[:n], features[n:], cfg["out_size"], groups=cfg["groups"], sigma=cfg["sigma"],
-            kernel_size=cfg["kernel_size"], eval_size=cfg["eval_size"],
-        )
+        groups = cfg["groups"] or []
+        out = _triton_map(list(features[:n]), list(features[n:]), list(cfg["out_size"]),
+                          [i for g in groups for i in g], [len(g) for g in groups], cfg["sigma"],
+                          cfg["kernel_size"], None if cfg["eval_size"] is None else list(cfg["eval_size"]))
         ctx.mark_non_differentiable(out)
         return out
 
@@ -69,7 +105,7 @@ class _AnomalyMapTritonFn(torch.autograd.Function):
 class _GaussianBlurTritonFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, maps, sigma, kernel_size):
-        out = _triton_module().gaussian_blur(maps, sigma=sigma, kernel_size=kernel_size)
+        out = _triton_blur(maps, sigma, kernel_size)
         ctx.mark_non_differentiable(out)
         return out
 

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastproto.ops._dispatch import (apply, autocast_dtype, device_guard, finite_number,
-                                     resolve_impl)
+from fastproto.ops._dispatch import apply, autocast_dtype, device_guard, finite_number, kernel_op, resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.layer_norm")
@@ -43,6 +42,28 @@ def _triton_module():
     return importlib.import_module("fastproto.triton.layer_norm")
 
 
+@kernel_op("triton_add_layer_norm")
+def _triton_forward(x: torch.Tensor, residual: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], shift: Optional[torch.Tensor], mscale: Optional[torch.Tensor],
+                    eps: float, rows_per_group: int, *, branch_dtype: torch.dtype, sdtype: torch.dtype,
+                    ln_dtype: torch.dtype, mod_dtype: torch.dtype,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    return _triton_module().forward(x, residual, scale, weight, bias, shift, mscale, eps, rows_per_group,
+                                    branch_dtype=branch_dtype, sdtype=sdtype, ln_dtype=ln_dtype,
+                                    mod_dtype=mod_dtype, out_dtype=out_dtype)
+
+
+@kernel_op("triton_add_layer_norm_backward")
+def _triton_backward(grad_out: torch.Tensor, grad_s: Optional[torch.Tensor], s: torch.Tensor, x: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     mscale: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, rows_per_group: int, *, ln_dtype: torch.dtype,
+                     dx_dtype: Optional[torch.dtype], dr_dtype: Optional[torch.dtype], sum_weight: bool,
+                     sum_bias: bool, sum_scale: bool,
+                     sum_modulation: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    return _triton_module().backward(grad_out, grad_s, s, x, scale, weight, bias, mscale, mean, rstd,
+                                     rows_per_group, ln_dtype=ln_dtype, dx_dtype=dx_dtype, dr_dtype=dr_dtype,
+                                     sum_weight=sum_weight, sum_bias=sum_bias, sum_scale=sum_scale,
+                                     sum_modulation=sum_modulation)
+
+
 class _AddLayerNormFn(torch.autograd.Function):
     """Triton forward and analytic backward on 2-D ``[R, C]`` inputs (``scale``, ``shift``, ``mscale``: ``[C]`` or
     one row per group of ``rows_per_group`` rows). Returns ``(out, s)``; ``s`` is None without residual and
@@ -53,7 +74,7 @@ class _AddLayerNormFn(torch.autograd.Function):
         branch_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
         sdtype = _ref.summed_dtype(x, residual, scale)
         modulation = None if shift is None else (shift, mscale)
-        out, s, mean, rstd = _triton_module().forward(
+        out, s, mean, rstd = _triton_forward(
             x, residual, scale, weight, bias, shift, mscale, eps, rows_per_group, branch_dtype=branch_dtype,
             sdtype=sdtype, ln_dtype=ln_dtype, mod_dtype=_ref.modulated_dtype(ln_dtype, modulation),
             out_dtype=out_dtype)
@@ -74,7 +95,7 @@ class _AddLayerNormFn(torch.autograd.Function):
             grad_out = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
         x_dtype, r_dtype, b_dtype, sh_dtype = ctx.dtypes
         with device_guard(s.device):
-            dx, dr, dw, db, dg, dsh, dms = _triton_module().backward(
+            dx, dr, dw, db, dg, dsh, dms = _triton_backward(
                 grad_out, grad_s, s, x, scale, weight, bias, mscale, mean, rstd, ctx.rows_per_group,
                 ln_dtype=ctx.ln_dtype, dx_dtype=x_dtype if needs[0] else None, dr_dtype=r_dtype if needs[1] else None,
                 sum_weight=weight is not None and needs[3], sum_bias=b_dtype is not None and needs[4],

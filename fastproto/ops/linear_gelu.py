@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastproto.ops._dispatch import autocast_dtype, device_guard, resolve_impl
+from fastproto.ops._dispatch import autocast_dtype, device_guard, kernel_op, resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.linear_gelu")
@@ -53,6 +53,11 @@ def _validate(x, weight, bias) -> None:
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+@kernel_op("triton_linear_gelu")
+def _triton_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _triton_module().forward(x, weight, bias)
+
+
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 impl: str = "auto") -> torch.Tensor:
     """``gelu(x @ weight^T + bias)`` with the exact GELU (``nn.GELU()``), ``x [..., in]`` -> ``[..., out]``.
@@ -86,7 +91,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                         f"{', '.join(str(t.dtype) for t in tensors)}")
     x2 = x.reshape(-1, x.shape[-1])
     with device_guard(x.device):
-        y = _triton_module().forward(x2, weight, bias)
+        y = _triton_linear_gelu(x2, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastproto import _ext
-from fastproto.ops._dispatch import apply, device_guard, resolve_impl, warn_once
+from fastproto.ops._dispatch import apply, device_guard, kernel_op, resolve_impl, warn_once
 from fastproto.triton import empty_output
 
 _ref = importlib.import_module("fastproto.reference.prototype")
@@ -55,11 +55,13 @@ def _route_module():
 NEAREST_OP = "route_nearest"  # the compiled extension's operator behind route(mode="nearest", impl="cuda")
 
 
-def _triton_nearest(x, p, per_location):
+@kernel_op("triton_route_nearest")
+def _triton_nearest(x: torch.Tensor, p: torch.Tensor, per_location: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _route_module().route_nearest(x, p, per_location)
 
 
-def _compiled_nearest(x, p, per_location):
+@kernel_op("cuda_route_nearest")
+def _compiled_nearest(x: torch.Tensor, p: torch.Tensor, per_location: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.fastproto.route_nearest`` (CUDA kernel on CUDA tensors, the same math on the CPU):
     (float32 distance [B, N], int64 index [B, N]), as the Triton ``route_nearest``."""
     B, N, _ = x.shape
@@ -79,7 +81,9 @@ _KIND_CODE = {"relu_cos": 0, "softmax": 1, "cos_softmax": 2, "linear": 3}
 _NORMALISED = ("relu_cos", "cos_softmax")
 
 
-def _compiled_attention(q, k, v, scale, kind, eps, want_attn):
+@kernel_op("cuda_prototype_attention_forward")
+def _compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, kind: str, eps: float,
+                        want_attn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``torch.ops.fastproto.prototype_attention_forward`` (CUDA kernel on CUDA tensors, the same routine
     on the CPU): ``(out [B, H, N, Dv], weights [B, H, N, M] or None)`` in q's dtype; ``scale`` float32 [H]."""
     B, H, N, _ = q.shape
@@ -89,7 +93,9 @@ def _compiled_attention(q, k, v, scale, kind, eps, want_attn):
     return out, attn
 
 
-def _compiled_attention_backward(q, k, v, scale, grad_out, grad_attn, kind, eps):
+@kernel_op("cuda_prototype_attention_backward")
+def _compiled_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, grad_attn: Optional[torch.Tensor],
+                                 kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.fastproto.prototype_attention_backward``: ``(dq, dk_acc, dv, dscale)`` as the Triton
     ``prototype_attention_backward`` returns them (float32 per-sample sums; d(k̂) for the normalised kinds)."""
     B, H, N, D = q.shape
@@ -100,13 +106,17 @@ def _compiled_attention_backward(q, k, v, scale, grad_out, grad_attn, kind, eps)
     return dq, dk, dv, ds
 
 
-def _triton_attention(q, k, v, scale, kind, eps, want_attn):
+@kernel_op("triton_prototype_attention_forward")
+def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, kind: str, eps: float,
+                      want_attn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     # the Triton kernels: relu_cos / softmax with the reference's norm floor, no weights output
     assert eps == _ref.ATTN_NORM_EPS and not want_attn
     return _triton_module().prototype_attention(q, k, v, scale, kind), None
 
 
-def _triton_attention_backward(q, k, v, scale, grad_out, grad_attn, kind, eps):
+@kernel_op("triton_prototype_attention_backward")
+def _triton_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, grad_attn: Optional[torch.Tensor],
+                               kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     assert grad_attn is None
     return _triton_module().prototype_attention_backward(q, k, v, scale, grad_out, kind)
 
@@ -251,13 +261,35 @@ class _RouteNearestFn(torch.autograd.Function):
         return None, dx, dp, None
 
 
+@kernel_op("triton_route_soft")
+def _triton_route_soft(x: torch.Tensor, p: torch.Tensor, tau: float, per_location: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _route_module().route_soft(x, p, tau, per_location)
+
+
+@kernel_op("triton_route_soft_backward")
+def _triton_route_soft_backward(x: torch.Tensor, p: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_w: Optional[torch.Tensor], tau: float,
+                                per_location: bool, need_dp: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return _route_module().route_soft_backward(x, p, lse, grad_out, grad_w, tau, per_location, need_dp)
+
+
+@kernel_op("triton_route_linear")
+def _triton_route_linear(x: torch.Tensor, p: torch.Tensor, per_location: bool) -> torch.Tensor:
+    return _route_module().route_linear(x, p, per_location)
+
+
+@kernel_op("triton_route_linear_backward")
+def _triton_route_linear_backward(x: torch.Tensor, p: torch.Tensor, grad_out: torch.Tensor, per_location: bool,
+                                  need_dp: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return _route_module().route_linear_backward(x, p, grad_out, per_location, need_dp)
+
+
 class _RouteSoftFn(torch.autograd.Function):
     """Triton forward (softmax streamed over prototype tiles; keeps the [B, N] log-normaliser) and
     Triton analytic backward (recomputes the cosines; reads neither the weights nor any [B, N, M])."""
 
     @staticmethod
     def forward(ctx, x, p, tau, per_location):
-        out, w, lse = _route_module().route_soft(x, p, tau, per_location)
+        out, w, lse = _triton_route_soft(x, p, tau, per_location)
         ctx.save_for_backward(x, p, lse)
         ctx.tau, ctx.per_location = tau, per_location
         ctx.set_materialize_grads(False)  # an unused weights output costs no [B, N, M] zeros
@@ -271,8 +303,8 @@ class _RouteSoftFn(torch.autograd.Function):
         x, p, lse = ctx.saved_tensors
         if dout is None:  # only the weights were used
             dout = torch.zeros_like(x)
-        dx, dp = _route_module().route_soft_backward(x, p, lse, dout, dw, ctx.tau, ctx.per_location,
-                                                     need_dp=ctx.needs_input_grad[1])
+        dx, dp = _triton_route_soft_backward(x, p, lse, dout, dw, ctx.tau, ctx.per_location,
+                                             ctx.needs_input_grad[1])
         return dx, (None if dp is None else dp.to(p.dtype)), None, None
 
 
@@ -284,14 +316,13 @@ class _RouteLinearFn(torch.autograd.Function):
     def forward(ctx, x, p, per_location):
         ctx.save_for_backward(x, p)
         ctx.per_location = per_location
-        return _route_module().route_linear(x, p, per_location)
+        return _triton_route_linear(x, p, per_location)
 
     @staticmethod
     @once_differentiable  # the backward kernels are not differentiable themselves
     def backward(ctx, dout):
         x, p = ctx.saved_tensors
-        dx, dp = _route_module().route_linear_backward(x, p, dout, ctx.per_location,
-                                                       need_dp=ctx.needs_input_grad[1])
+        dx, dp = _triton_route_linear_backward(x, p, dout, ctx.per_location, ctx.needs_input_grad[1])
         return dx, (None if dp is None else dp.to(p.dtype)), None
 
 

@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastproto import _ext
-from fastproto.ops._dispatch import apply, device_guard, finite_number, resolve_impl
+from fastproto.ops._dispatch import apply, device_guard, finite_number, kernel_op, resolve_impl
 from fastproto.triton import empty_output
 
 _ref = importlib.import_module("fastproto.reference.sinkhorn")
@@ -53,11 +53,15 @@ MAX_K = 64  # must equal fastproto.triton.sinkhorn.MAX_K and kMaxK of kernels/si
 COMPILED_OP = "sinkhorn_solve"
 
 
-def _triton_solve(cost, log_a, log_b, eps, n_iters, tol):
+@kernel_op("triton_sinkhorn")
+def _triton_solve(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: float, n_iters: int,
+                  tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return importlib.import_module("fastproto.triton.sinkhorn").solve(cost, log_a, log_b, eps, n_iters, tol)
 
 
-def _compiled_solve(cost, log_a, log_b, eps, n_iters, tol):
+@kernel_op("cuda_sinkhorn")
+def _compiled_solve(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: float, n_iters: int,
+                    tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.fastproto.sinkhorn_solve`` (the CUDA kernel on CUDA tensors; on CPU tensors the
     extension's CPU kernel, which runs the same solver). Same signature and results as the Triton
     ``solve``: ``(plan [B, N, K] cost dtype, loss [B] float32, iters [B] int32)``."""

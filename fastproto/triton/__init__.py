@@ -41,6 +41,19 @@ def empty_output(shape, dtype, device):
     return out
 
 
+def shapes_only(t) -> bool:
+    """True when ``t`` is a fake tensor (``torch.compile`` tracing a kernel op, see
+    ``fastproto.ops._dispatch.kernel_op``): a launcher then allocates and returns its outputs without launching,
+    so that it is also its operator's shape-only implementation."""
+    import torch
+
+    if type(t) is torch.Tensor:  # the common case, without the import below (about 2 us)
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host code (grids, tile counts). ``triton.cdiv`` is a constexpr function whose call
     unwraps its arguments: about 4 us per call on the host, several per launch."""

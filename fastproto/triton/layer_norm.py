@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import cdiv, empty_output, interpreter_enabled, next_pow2
+from fastproto.triton import cdiv, empty_output, interpreter_enabled, next_pow2, shapes_only
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -232,6 +232,8 @@ def forward(x: torch.Tensor, residual: Optional[torch.Tensor], scale: Optional[t
     s = empty_output((rows, c), sdtype, dev) if residual is not None or scale is not None else None
     mean = empty_output((rows,), torch.float32, dev)
     rstd = empty_output((rows,), torch.float32, dev)
+    if shapes_only(x):
+        return out, s, mean, rstd
     block_r, block_c, nw = _tiles(c, 4096)
     _add_ln_fwd_kernel[(cdiv(rows, block_r),)](
         x, residual if residual is not None else x, scale if scale is not None else x,
@@ -287,20 +289,21 @@ def backward(grad_out: torch.Tensor, grad_s: Optional[torch.Tensor], s: torch.Te
         grad_s = grad_s.contiguous()
     any_ptr = grad_out
     has_mod = mscale is not None
-    _add_ln_bwd_kernel[(progs, groups)](
-        grad_out, grad_s if grad_s is not None else any_ptr, s, x if x is not None else any_ptr,
-        *(t if t is not None else any_ptr for t in (scale, weight, bias, mscale)), mean, rstd,
-        dx if dx is not None else any_ptr, dr if dr is not None else any_ptr,
-        *(p if p is not None else mean for p in parts),
-        c, s.stride(0), x.stride(0) if x is not None else 0, _group_stride(scale), _group_stride(mscale),
-        rows_per_group, tiles_per_group,
-        HAS_GS=grad_s is not None, HAS_G=scale is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None and has_mod, HAS_MOD=has_mod, G_PER_GROUP=_per_group(scale),
-        MOD_PER_GROUP=_per_group(mscale), LN_DT=_TL_DTYPES[ln_dtype],
-        MS_DT=_TL_DTYPES[mscale.dtype if has_mod else ln_dtype],
-        STORE_DX=dx is not None, STORE_DR=dr is not None, SUM_W=sum_weight, SUM_B=sum_bias, SUM_G=sum_scale,
-        SUM_MOD=sum_modulation, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=nw,
-    )
+    if not shapes_only(s):  # the column sums below still give the fake outputs their shapes
+        _add_ln_bwd_kernel[(progs, groups)](
+            grad_out, grad_s if grad_s is not None else any_ptr, s, x if x is not None else any_ptr,
+            *(t if t is not None else any_ptr for t in (scale, weight, bias, mscale)), mean, rstd,
+            dx if dx is not None else any_ptr, dr if dr is not None else any_ptr,
+            *(p if p is not None else mean for p in parts),
+            c, s.stride(0), x.stride(0) if x is not None else 0, _group_stride(scale), _group_stride(mscale),
+            rows_per_group, tiles_per_group,
+            HAS_GS=grad_s is not None, HAS_G=scale is not None, HAS_W=weight is not None,
+            HAS_B=bias is not None and has_mod, HAS_MOD=has_mod, G_PER_GROUP=_per_group(scale),
+            MOD_PER_GROUP=_per_group(mscale), LN_DT=_TL_DTYPES[ln_dtype],
+            MS_DT=_TL_DTYPES[mscale.dtype if has_mod else ln_dtype],
+            STORE_DX=dx is not None, STORE_DR=dr is not None, SUM_W=sum_weight, SUM_B=sum_bias, SUM_G=sum_scale,
+            SUM_MOD=sum_modulation, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=nw,
+        )
     sums = []
     for part, vec in zip(parts, (weight, None, scale, mscale, mscale)):
         if part is None:

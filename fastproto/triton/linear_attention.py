@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import cdiv, empty_output, next_pow2
+from fastproto.triton import cdiv, empty_output, next_pow2, shapes_only
 from fastproto.triton._dot import dot_config, mm
 
 MAX_HEAD_DIM = 128
@@ -248,7 +248,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str, eps: fl
     out = empty_output((B, Nq, H, Dv), q.dtype, dev).permute(0, 2, 1, 3)
     state = empty_output((B, H, D, Dv), torch.float32, dev)
     ksum = empty_output((B, H, D), torch.float32, dev)
-    if B * H == 0:
+    if B * H == 0 or shapes_only(q):
         return out, state, ksum
     bd, bdv, block_n, nw = _blocks(D, Dv, dev)
     code = PHI_CODES[phi]
@@ -275,7 +275,7 @@ def backward(q, k, v, state, ksum, grad_out, phi: str, eps: float):
     dv = empty_output(v.shape, v.dtype, dev)
     ds = empty_output((B, H, D, Dv), torch.float32, dev)
     dz = empty_output((B, H, D), torch.float32, dev)
-    if B * H == 0:
+    if B * H == 0 or shapes_only(q):
         return dq, dk, dv
     bd, bdv, block_n, nw = _blocks(D, Dv, dev)
     code = PHI_CODES[phi]

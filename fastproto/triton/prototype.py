@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import cdiv, empty_output, next_pow2
+from fastproto.triton import cdiv, empty_output, next_pow2, shapes_only
 from fastproto.triton._dot import dot_config, mm
 
 KIND_RELU_COS = 0
@@ -106,7 +106,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     B, H, N, D = q.shape
     M, DV = k.shape[-2], v.shape[-1]
     out = empty_output((B, H, N, DV), q.dtype, q.device)
-    if out.numel() == 0:
+    if out.numel() == 0 or shapes_only(q):
         return out
     skb, svb = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
     BLOCK_N = 32 if max(_p2(D), _p2(DV)) > 64 else 64
@@ -201,7 +201,7 @@ def prototype_attention_backward(q, k, v, scale, grad_out, kind: str):
     dk = torch.zeros((B, H, M, D), dtype=torch.float32, device=dev)
     dv = torch.zeros((B, H, M, DV), dtype=torch.float32, device=dev)
     ds = torch.zeros((B, H), dtype=torch.float32, device=dev)
-    if dq.numel() == 0:
+    if dq.numel() == 0 or shapes_only(q):
         return dq, dk, dv, ds
     skb, svb = (k.stride(0), v.stride(0)) if k.dim() == 4 else (0, 0)
     BLOCK_N = 32 if max(_p2(D), _p2(DV)) > 64 else 64

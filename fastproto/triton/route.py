@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import cdiv, empty_output, next_pow2
+from fastproto.triton import cdiv, empty_output, next_pow2, shapes_only
 from fastproto.triton._dot import dot_config, mm
 
 COS_EPS = 1e-8  # F.cosine_similarity's norm clamp, as the reference
@@ -415,7 +415,7 @@ def route_nearest(x: torch.Tensor, p: torch.Tensor, per_location: bool = False):
     B, N, _ = x.shape
     dist = empty_output((B, N), torch.float32, x.device)
     idx = empty_output((B, N), torch.int64, x.device)
-    if dist.numel() == 0:
+    if dist.numel() == 0 or shapes_only(x):
         return dist, idx
     plan = _Plan(x, p, per_location)
     # prototype inverse norms once (float32, [M] or [G, M]) instead of once per token tile
@@ -436,7 +436,7 @@ def route_soft(x: torch.Tensor, p: torch.Tensor, tau: float, per_location: bool 
     out = plan.accumulator((B, N, C), x.dtype, x.device)
     w = empty_output((B, N, plan.M), x.dtype, x.device)
     lse = empty_output((B, N), torch.float32, x.device)
-    if lse.numel() == 0:
+    if lse.numel() == 0 or shapes_only(x):
         return out.to(x.dtype), w, lse
     _route_soft_fwd_kernel[plan.grid](
         x, p, out, w, lse, plan.R, plan.M, C,
@@ -455,7 +455,7 @@ def route_soft_backward(x: torch.Tensor, p: torch.Tensor, lse: torch.Tensor, gra
     plan = _Plan(x, p, per_location)
     dx = plan.accumulator((B, N, C), x.dtype, x.device)
     dp, sdpg = plan.bank_grad(p) if need_dp else (None, 0)
-    if dx.numel() == 0:
+    if dx.numel() == 0 or shapes_only(x):
         return dx.to(x.dtype), dp
     gw = grad_w if grad_w is not None else lse  # never read without HAS_GW
     _route_soft_bwd_kernel[plan.grid](
@@ -473,7 +473,7 @@ def _linear(a: torch.Tensor, b: Optional[torch.Tensor], p: torch.Tensor, per_loc
     plan = _Plan(a, p, per_location)
     out = plan.accumulator((B, N, C), a.dtype, a.device)
     dp, sdpg = plan.bank_grad(p) if b is not None else (None, 0)
-    if out.numel() == 0:
+    if out.numel() == 0 or shapes_only(a):
         return out.to(a.dtype), dp
     b_ = b if b is not None else a  # never read without WITH_DP
     _route_linear_kernel[plan.grid](

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastproto.triton import empty_output, next_pow2
+from fastproto.triton import empty_output, next_pow2, shapes_only
 
 MAX_K = 64
 
@@ -178,6 +178,8 @@ def solve(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: flo
     plan = empty_output((B, N, K), cost.dtype, dev)
     loss = empty_output((B,), torch.float32, dev)
     iters = empty_output((B,), torch.int32, dev)
+    if shapes_only(cost):
+        return plan, loss, iters
     block_n, block_k, num_warps = _blocks(K)
     _sinkhorn_kernel[(B,)](
         cost, log_a, log_b, f_ws, g_ws, plan, loss, iters,
