@@ -3,6 +3,8 @@
     python bench/models.py --device cuda [--quick] [--out bench/RESULTS.md] [--json f.json] [--section KEY]
     python bench/models.py --device cpu  [--out bench/RESULTS.md]
     python bench/models.py --from-json a.json b.json --out bench/RESULTS.md   # render earlier runs
+    python bench/models.py --device cuda --models inpformer,proad --batch 64 --dtype bfloat16 --compile
+        # both ops choices under torch.compile: fused + compile against compile(reference)
 
 Issue 5 on one H100 (the DPDiff-AD, BoRAD and UIP-AD rows, the Sinkhorn share and the two targets; the JSON is
 rewritten after every row, so a run cut short keeps what it measured), then, on the machine that holds the
@@ -131,6 +133,7 @@ class Plan:
     repeats: int
     warmup: int
     budget_s: float | None    # stop repeating once the measured runs took this long (CPU)
+    compile: str | None = None  # a torch.compile backend: both ops choices run compiled
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -159,7 +162,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         image_sizes={n: args.image_size or setting[n][1] for n in names},
         batches=tuple(args.batch or batches), dtypes=tuple(args.dtype or dtypes),
         train_batch=None if args.no_train else train_batch, share_batch=share_batch if has_share else None,
-        repeats=args.repeats or repeats, warmup=warmup if args.warmup is None else args.warmup, budget_s=budget)
+        repeats=args.repeats or repeats, warmup=warmup if args.warmup is None else args.warmup, budget_s=budget,
+        compile=args.compile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,23 +206,30 @@ def precision(device: str, dtype: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device, dtype=getattr(torch, dtype))
 
 
-def inference_step(model: torch.nn.Module, inputs, dtype: str, device: str) -> Callable[[], object]:
+def inference_step(model: torch.nn.Module, inputs, dtype: str, device: str,
+                   compile: str | None = None) -> Callable[[], object]:
+    """``model(inputs)`` in eval mode without gradients; ``compile``: through ``torch.compile`` with that backend
+    (dynamo guards on the ops choice, so each choice gets its own graphs, compiled in the warm-up)."""
     model.eval()
+    forward = torch.compile(model, backend=compile) if compile else model
 
     def run():
         with torch.no_grad(), precision(device, dtype):
-            return model(inputs)
+            return forward(inputs)
     return run
 
 
-def train_step(model: torch.nn.Module, inputs, dtype: str, device: str) -> Callable[[], object]:
-    """Forward + loss + backward; gradients are dropped at the end so each run allocates its own."""
+def train_step(model: torch.nn.Module, inputs, dtype: str, device: str,
+               compile: str | None = None) -> Callable[[], object]:
+    """Forward + loss + backward; gradients are dropped at the end so each run allocates its own. ``compile``: the
+    loss through ``torch.compile`` with that backend."""
     model.train()
     model.on_train_iter(TRAIN_ITER, TRAIN_TOTAL)
+    loss_fn = torch.compile(model.loss, backend=compile) if compile else model.loss
 
     def run():
         with precision(device, dtype):
-            loss = model.loss(inputs)["loss"]
+            loss = loss_fn(inputs)["loss"]
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.detach()
@@ -327,7 +338,7 @@ def measure_setting(model: torch.nn.Module | None, plan: Plan, *, name: str, mod
     if inputs is None:
         return list(rows.values())
     step = inference_step if mode == "inference" else train_step
-    measured = alternate(net, plan, lambda ops: {"call": step(net, inputs, dtype, plan.device)})
+    measured = alternate(net, plan, lambda ops: {"call": step(net, inputs, dtype, plan.device, plan.compile)})
     for ops, r in rows.items():
         m = measured[ops]
         r["error"] = m["error"]
@@ -404,7 +415,7 @@ def measure_share(model: torch.nn.Module | None, plan: Plan, *, name: str, batch
     module = sys.modules[type(model).__module__]
 
     def prepare(ops: str) -> dict[str, Callable[[], object]]:
-        step = train_step(model, inputs, dtype, plan.device)
+        step = train_step(model, inputs, dtype, plan.device)  # eager: the OT loss's inputs are recorded from it
         losses, costs = [], []
         with _recording(module, "ot_alignment_loss", lambda fn, a, kw: losses.append(
                 (fn, tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in a), kw))), \
@@ -477,6 +488,9 @@ def describe(plan: dict, backbones: str) -> str:
             f"after {plan['warmup']} warm-up run{'' if plan['warmup'] == 1 else 's'} of each (excluded)"
             + (f", stopping once a setting's measured runs took {plan['budget_s']:g} s" if plan.get("budget_s") else "")
             + f". Memory: {mem}. speed-up = reference time / fused time; memory = fused peak / reference peak."
+            + (f" Inference and train step of both ops choices under `torch.compile` (backend `{plan['compile']}`; "
+               "compilation in the warm-up; the Sinkhorn share eager)."
+               if plan.get("compile") else "")
             + (" On the CPU `auto` runs the reference attention and anomaly-map ops (the kernels are CUDA-only); "
                "only the loss of the train step has a fused CPU path, so inference rows measure noise."
                if plan["device"] == "cpu" else ""))
@@ -642,6 +656,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (CPU; default torch's). On a machine shared with other jobs 1 "
                          "thread gives far steadier timings than threads that wait for each other")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="inference and train-step rows under torch.compile (default backend inductor), both ops choices; "
+                         "the Sinkhorn share stays eager")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--quick", action="store_true",

@@ -108,6 +108,24 @@ def test_tiny_cpu_run_of_the_issue5_models(bench, tmp_path, monkeypatch):
     assert all(f"| {m} |" in text for m in ISSUE5) and "speed targets" not in text  # targets: CUDA only
 
 
+def test_compiled_rows_run_both_ops_choices_through_torch_compile(bench, tmp_path, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn, kw)) or real_compile(fn, **kw))
+    out_json, out_md = tmp_path / "m.json", tmp_path / "R.md"
+    backend = "aot_eager_decomp_partition"  # no code generation: seconds, not minutes, on the CPU
+    bench["main"](["--device", "cpu", "--models", "inpformer", "--image-size", "64", "--batch", "1",
+                   "--train-batch", "2", "--repeats", "1", "--warmup", "1", "--compile", backend,
+                   "--json", str(out_json), "--out", str(out_md), "--section", "models-test"])
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["pass"], r["ops"]) for r in rows] == [(p, o) for p in ("inference", "train step")
+                                                     for o in ("fused", "reference")]
+    assert all(r["error"] is None and r["runs"] == 1 for r in rows), rows
+    assert [kw for _, kw in compiled] == [{"backend": backend}] * 4  # each pass and ops choice
+    assert f"under `torch.compile` (backend `{backend}`" in out_md.read_text()
+    assert plan_of(bench, "--compile").compile == "inductor" and plan_of(bench).compile is None
+
+
 def test_sinkhorn_share_times_the_ot_loss(bench, tiny_dpdiff, monkeypatch):
     """The OT loss slowed by a known sleep: its time must show in both the alone and the step timings, and the
     loss must run once per step and once per alone call (recording step + warm-up + measured runs)."""
