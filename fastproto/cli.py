@@ -271,12 +271,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     def eval_fn(m):
         return evaluate(m, test_loader, protocol=args.protocol, device=device, amp=args.amp,
-                        overlays_dir=overlays_dir, max_overlays_per_category=args.overlays)
+                        overlays_dir=overlays_dir, max_overlays_per_category=args.overlays, compile=args.compile)
 
     tic = time.perf_counter()
     out = train(model, train_loader, **length, optimizer=optimizer, out_dir=args.out, amp=args.amp, seed=args.seed,
                 ckpt_every=args.ckpt_every, resume=args.resume, eval_fn=eval_fn if args.eval_every else None,
-                eval_every=args.eval_every, log_every=args.log_every, progress=not args.quiet, device=device)
+                eval_every=args.eval_every, log_every=args.log_every, progress=not args.quiet, device=device,
+                compile=args.compile)
     train_seconds = time.perf_counter() - tic
     if info.is_main:  # the model section goes into the checkpoint itself, so that it is self-describing
         ckpt = checkpoint.read_checkpoint(out["checkpoint"])
@@ -350,7 +351,8 @@ def run_eval_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     results = evaluate(model, loader, protocol=args.protocol, resolution=args.resolution,
                        image_score=args.image_score or "model", topk=args.topk, device=device, amp=args.amp,
                        overlays_dir=os.path.join(out_dir, "overlays") if args.overlays > 0 else None,
-                       max_overlays_per_category=args.overlays, progress=not args.quiet, fpr_limit=args.fpr_limit)
+                       max_overlays_per_category=args.overlays, progress=not args.quiet, fpr_limit=args.fpr_limit,
+                       compile=args.compile)
     seconds = time.perf_counter() - tic
     if info.is_main:
         meta = {"checkpoint": args.checkpoint, "model": config["model"]["name"], "data": data["spec"],
@@ -411,6 +413,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default="exact", choices=PROTOCOLS, help="metric protocol (default: exact)")
     p.add_argument("--overlays", type=int, default=8, metavar="N",
                    help="anomaly-map overlay PNGs per category (0: none)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model's forward (and the training loss) with this backend "
+                        "(default: inductor; off without the flag)")
 
 
 def build_parser() -> argparse.ArgumentParser:

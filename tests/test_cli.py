@@ -115,6 +115,36 @@ def test_train_arguments_are_parsed():
         build_parser().parse_args(["eval", "--checkpoint", "x.pt", "--protocol", "nope"])
 
 
+def test_compile_flag_reaches_training_and_evaluation(tiny_spec, tmp_path, monkeypatch):
+    from fastproto import engine
+    from fastproto.cli import build_parser
+
+    base = ["train", "--model", "inpformer", "--data", "mvtec:/d"]
+    assert build_parser().parse_args(base).compile is None
+    assert build_parser().parse_args([*base, "--compile"]).compile == "inductor"
+    assert build_parser().parse_args(["eval", "--checkpoint", "x.pt", "--compile", "aot_eager"]).compile == "aot_eager"
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(model, loader, **kw):
+        seen["train"] = kw["compile"]
+        kw["eval_fn"](model)
+
+    def fake_evaluate(model, loader, **kw):
+        seen["evaluate"] = kw["compile"]
+        raise Stop
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    with pytest.raises(Stop):
+        main(["train", "--no-pretrained", "--quiet", "--model", "inpformer", "--data", tiny_spec, "--backbone",
+              "efficientnet_lite0", "--image-size", "64", "--crop-size", "none", "--iters", "1", "--batch-size", "2",
+              "--out", str(tmp_path), "--workers", "0", "--eval-every", "1", "--compile", "aot_eager_decomp_partition"])
+    assert seen == {"train": "aot_eager_decomp_partition", "evaluate": "aot_eager_decomp_partition"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "nope:/x"], "dataset spec must be '<format>:<path>'"),
     (["--data", "mvtec:/does/not/exist"], "dataset root does not exist: /does/not/exist"),

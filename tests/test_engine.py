@@ -406,6 +406,32 @@ def test_train_bf16_autocast_logs_and_evaluates(tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["metrics"]["mean"]["mad"] == out["metrics"]["mean"]["mad"]
 
 
+def test_compiled_training_and_evaluation_equal_eager(tmp_path, monkeypatch):
+    """``compile=``: the training loss and the evaluation forward through ``torch.compile`` (here a backend without
+    code generation): the same losses, weights (dropout off) and metrics as eagerly; checkpoints of the plain model."""
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(type(fn).__name__) or real_compile(fn, **kw))
+    runs = {}
+    for backend in (None, "aot_eager_decomp_partition"):
+        torch.manual_seed(0)
+        model = TinyAD(dropout=0.0)
+        test = DataLoader(TinyData(augment=False, seed=1), batch_size=4)
+        out = train(model, build_train_loader(TinyData(), batch_size=3, seed=7), iters=6, out_dir=tmp_path / str(backend),
+                    seed=3, log_every=1, progress=False, device="cpu", compile=backend,
+                    eval_fn=lambda m: evaluate(m, test, resolution=None, compile=backend))
+        runs[backend] = (model, [r["loss"] for r in _log(tmp_path / str(backend)) if "loss" in r], out["metrics"])
+    assert compiled == ["LossForward", "TinyAD"]  # the training loss, then the evaluation forward
+    (m0, l0, e0), (m1, l1, e1) = runs.values()
+    assert len(l0) == 6 and l1 == pytest.approx(l0, rel=1e-5)
+    for k, v in m0.state_dict().items():
+        torch.testing.assert_close(m1.state_dict()[k], v, rtol=1e-4, atol=1e-6)
+    assert e1.keys() == e0.keys()
+    assert all(e1[c] == pytest.approx(e0[c], rel=1e-5) for c in e0)
+    saved = load_checkpoint(tmp_path / "aot_eager_decomp_partition" / "last.pt")
+    assert not any("_orig_mod" in k for k in saved["model"]), list(saved["model"])
+
+
 def test_train_rejects_bad_arguments(tmp_path):
     loader = build_train_loader(TinyData(), batch_size=3)
     with pytest.raises(ValueError, match="exactly one"):

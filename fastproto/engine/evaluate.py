@@ -23,7 +23,7 @@ def evaluate(model: nn.Module, test_loader: Iterable[dict], *, protocol: str = "
              image_score: str = "model", topk: float = 0.01, device: str | torch.device | None = None,
              amp: str | None = None, overlays_dir: str | os.PathLike | None = None,
              max_overlays_per_category: int = 8, image_mean: Sequence[float] | None = IMAGENET_MEAN,
-             image_std: Sequence[float] | None = IMAGENET_STD, progress: bool = False,
+             image_std: Sequence[float] | None = IMAGENET_STD, progress: bool = False, compile: str | None = None,
              **evaluator_options) -> dict[str, dict[str, float]]:
     """Run ``model(images) -> {"anomaly_map": [B,H,W], "score": [B]}`` over ``test_loader`` and compute the metrics.
 
@@ -41,6 +41,7 @@ def evaluate(model: nn.Module, test_loader: Iterable[dict], *, protocol: str = "
         overlays_dir: when set, rank 0 writes ``<dir>/<category>/<defect>_<name>.png`` overlays for the first
             ``max_overlays_per_category`` images of each category it sees, heat maps scaled to the range of that
             category's maps on rank 0; ``image_mean``/``image_std`` undo the input normalisation.
+        compile: a ``torch.compile`` backend (e.g. ``"inductor"``) for the model's forward; None runs eagerly.
         evaluator_options: forwarded to :class:`~fastproto.metrics.Evaluator` (``fpr_limit``, ``connectivity``...).
 
     Returns ``{category: {metric: value}, ..., "mean": {...}}`` as :meth:`Evaluator.compute`.
@@ -66,6 +67,7 @@ def evaluate(model: nn.Module, test_loader: Iterable[dict], *, protocol: str = "
         from tqdm.auto import tqdm
 
         batches = tqdm(test_loader, desc="eval", dynamic_ncols=True)
+    forward = torch.compile(model, backend=compile) if compile else model
     was_training = model.training
     model.eval()
     try:
@@ -75,7 +77,7 @@ def evaluate(model: nn.Module, test_loader: Iterable[dict], *, protocol: str = "
             images = to_device(batch["image"], device)
             with autocast:
                 # RGB-D samples (MVTec 3D-AD, Eyecandies) carry a depth image the model takes second
-                out = model(images, to_device(batch["depth"], device)) if "depth" in batch else model(images)
+                out = forward(images, to_device(batch["depth"], device)) if "depth" in batch else forward(images)
             maps, masks = _align(out["anomaly_map"].float(), batch["mask"].to(device), resolution)
             scores = out["score"].float() if image_score == "model" else None
             evaluator.update(maps, masks, categories=batch["category"], image_scores=scores,

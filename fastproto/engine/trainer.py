@@ -135,7 +135,8 @@ def train(model: nn.Module, train_loader: DataLoader, *, iters: int | None = Non
           grad_clip: float | None = None, seed: int = 0, ckpt_every: int = 1000, resume: bool | str = True,
           eval_fn: Callable[[nn.Module], dict] | None = None, eval_every: int | None = None, log_every: int = 50,
           progress: bool = True, device: str | torch.device | None = None,
-          callback: Callable[[int, dict], None] | None = None, find_unused_parameters: bool = False) -> dict:
+          callback: Callable[[int, dict], None] | None = None, find_unused_parameters: bool = False,
+          compile: str | None = None) -> dict:
     """Train ``model`` through ``model.loss(batch)`` for ``iters`` iterations (or ``epochs`` x batches per epoch).
 
     Args:
@@ -159,6 +160,10 @@ def train(model: nn.Module, train_loader: DataLoader, *, iters: int | None = Non
         log_every: losses averaged over this many iterations go to the log and the progress bar.
         callback: ``callback(step, record)`` after each iteration (and its checkpoint); may raise to stop.
         find_unused_parameters: passed to DDP.
+        compile: a ``torch.compile`` backend (e.g. ``"inductor"``) for the training loss (forward and backward);
+            None runs eagerly. Checkpoints hold the plain model's state either way. A model whose loss reads a
+            Python number that changes every iteration recompiles for each new value until dynamo's recompile
+            limit, then runs that frame eagerly (Dinomaly's hard-mining ramp during its first 1000 iterations).
 
     Returns ``{"step", "epoch", "checkpoint", "loss", "metrics"}`` (last logged losses and last evaluation).
     """
@@ -185,6 +190,8 @@ def train(model: nn.Module, train_loader: DataLoader, *, iters: int | None = Non
     opt, sched = cfg.build(params, total, per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     runner = wrap_for_training(model, device, find_unused_parameters=find_unused_parameters)
+    if compile:
+        runner = torch.compile(runner, backend=compile)
     run_config = {"iters": total, "iters_per_epoch": per_epoch, "seed": seed, "amp": amp, "grad_clip": clip,
                   "world_size": info.world_size, "optimizer": cfg.as_dict()}
 
