@@ -5,8 +5,8 @@ it as one opaque call with known output shapes instead of tracing into a Triton 
 * the mechanism on toy operators (None outputs, single tensors, the direct call outside compilation);
 * that every kernel launch in ``fastproto/ops`` sits in such an operator (AST);
 * the compiled extension's operators' shape-only implementations (``torch.library.opcheck`` on their CPU kernels);
-* in a child under the Triton interpreter: each op's Triton path compiled with ``fullgraph=True`` equals the eager
-  Triton path, forward and backward; every kernel operator those ops call passes ``opcheck`` (fake outputs' shapes,
+* in a child under the Triton interpreter: each op's Triton path compiled with ``fullgraph=True`` (static and
+  dynamic shapes) equals the eager Triton path, forward and backward; every kernel operator those ops call passes ``opcheck`` (fake outputs' shapes,
   dtypes and strides equal the real ones); the ViT models and DPDiff-AD compiled equal their eager runs;
 * the models' reference path compiles without a graph break.
 
@@ -304,11 +304,15 @@ def _interpreter_cases(seed: int) -> dict:
     ops_res, checked = {}, set()
     for name, fn, inputs in _op_cases(g):
         eager = _outputs_and_grads(fn, inputs, weights)
-        torch._dynamo.reset()
-        compiled = _outputs_and_grads(torch.compile(fn, fullgraph=True, backend=BACKEND), inputs, weights)
-        ops_res[name] = {"count": [len(eager), len(compiled)],
-                         "delta": max(float((a.double() - b.double()).abs().max()) for a, b in zip(eager, compiled)),
-                         "breaks": sum(torch._dynamo.utils.counters["graph_break"].values())}
+        for dynamic in (False, True):  # True: symbolic sizes and float arguments
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            compiled = _outputs_and_grads(torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=BACKEND),
+                                          inputs, weights)
+            ops_res[f"{name}, dynamic={dynamic}"] = {
+                "count": [len(eager), len(compiled)],
+                "delta": max(float((a.double() - b.double()).abs().max()) for a, b in zip(eager, compiled)),
+                "breaks": sum(torch._dynamo.utils.counters["graph_break"].values())}
         for op, (args, kwargs) in _kernel_calls(fn, inputs).items():
             torch.library.opcheck(op, args, kwargs, test_utils=_OPCHECKS)  # raises on a fake/real mismatch
             checked.add(op.name())
@@ -329,7 +333,7 @@ interpreter_results = _interpreter.results_fixture(__file__)
 
 def test_triton_ops_compile_fullgraph_and_equal_eager(interpreter_results):
     seed, res = interpreter_results
-    assert len(res["ops"]) == 12, res["ops"]
+    assert len(res["ops"]) == 2 * 12, res["ops"]
     for name, r in res["ops"].items():
         assert r["count"][0] == r["count"][1] >= 1, f"{name}: {r} (seed={seed})"
         assert r["delta"] <= 1e-6, f"{name}: compiled differs from eager by {r['delta']:.2e} (seed={seed})"

@@ -29,11 +29,16 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def is_finite_real(value) -> bool:
+    """A real number (not a bool) that is neither infinite nor NaN. Comparisons rather than ``math.isfinite``:
+    under ``torch.compile(dynamic=True)`` a float argument may be symbolic, which ``math.isfinite`` cannot take."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and -math.inf < float(value) < math.inf
+
+
 def finite_number(op: str, name: str, value, *, allow_zero: bool = False) -> float:
     """``value`` as a float after checking it is a finite real number > 0 (>= 0 with ``allow_zero``); a clear
     error naming the op and the argument otherwise (bools refused)."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
-    if not (ok and (float(value) > 0 or (allow_zero and float(value) == 0))):
+    if not (is_finite_real(value) and (float(value) > 0 or (allow_zero and float(value) == 0))):
         raise ValueError(f"{op}: {name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return float(value)
 

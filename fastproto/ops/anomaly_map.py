@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from fastproto.ops._dispatch import apply, device_guard, kernel_op, resolve_impl
+from fastproto.ops._dispatch import apply, device_guard, is_finite_real, kernel_op, resolve_impl
 
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.anomaly_map")
@@ -174,12 +174,7 @@ def _check_blur_args(op: str, sigma, kernel_size, allow_none: bool):
     if sigma is None:
         if not allow_none:
             raise ValueError(f"{op}: sigma must be a positive number, got None")
-    elif (
-        isinstance(sigma, bool)
-        or not isinstance(sigma, numbers.Real)
-        or not math.isfinite(float(sigma))
-        or float(sigma) <= 0
-    ):
+    elif not is_finite_real(sigma) or float(sigma) <= 0:
         raise ValueError(f"{op}: sigma must be a positive finite number (or None to disable), got {sigma!r}")
     if (
         isinstance(kernel_size, bool)
@@ -354,12 +349,7 @@ def image_score(maps: torch.Tensor, rule: str = "max", *, topk: float = 0.01, po
         raise ValueError(f"image_score: maps must be [B, H, W] or [B, 1, H, W], got shape {tuple(maps.shape)}")
     if not isinstance(rule, str) or rule not in IMAGE_SCORE_RULES:
         raise ValueError(f"image_score: unknown rule {rule!r}; expected one of {IMAGE_SCORE_RULES}")
-    if (
-        isinstance(topk, bool)
-        or not isinstance(topk, numbers.Real)
-        or not math.isfinite(float(topk))
-        or not 0.0 < float(topk) <= 1.0
-    ):
+    if not is_finite_real(topk) or not 0.0 < float(topk) <= 1.0:
         raise ValueError(f"image_score: topk must be a fraction in (0, 1], got {topk!r}")
     h, w = maps.shape[-2], maps.shape[-1]
     if h == 0 or w == 0:

@@ -21,13 +21,11 @@ features, so the two agree there.
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 
-from fastproto.ops._dispatch import apply
+from fastproto.ops._dispatch import apply, is_finite_real
 from fastproto.ops.prototype import route
 
 _ref = importlib.import_module("fastproto.reference.losses")
@@ -93,7 +91,7 @@ class _MiningGroupFn(torch.autograd.Function):
 
 
 def _check_real(op, name, v):
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(float(v)):
+    if not is_finite_real(v):
         raise ValueError(f"{op}: {name} must be a finite real number, got {v!r}")
     return float(v)
 

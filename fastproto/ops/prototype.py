@@ -386,7 +386,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ki
         raise ValueError(f"{op}: k holds no prototypes (M = 0)")
     scale_t = None
     if isinstance(scale, torch.Tensor):
-        if scale.numel() not in (1, H):
+        if scale.numel() != 1 and scale.numel() != H:  # not `in (1, H)`: dynamo misjudges it for symbolic sizes
             raise ValueError(f"{op}: scale must have 1 or H={H} elements ([H] or [H, 1, 1]), got {tuple(scale.shape)}")
         if not scale.is_floating_point():
             raise TypeError(f"{op}: scale must be a floating tensor, got {scale.dtype}")
