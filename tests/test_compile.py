@@ -225,6 +225,24 @@ def test_models_compile_on_the_reference_path():
     _assert_compiled_equal(_compiled_vs_eager("reference", 0), 0, whole_graphs=False)
 
 
+def test_dinomaly_ramp_does_not_recompile():
+    """Dinomaly's hard-mining fraction changes every iteration of its ramp; the threshold it sets is computed outside
+    the graph, so new iterations add no graphs (each would otherwise be a recompilation, until the recompile limit
+    left the loss eager)."""
+    enc = backbones.create("dinov2_vits14_reg", pretrained=False, embed_dim=32, depth=12, num_heads=2)
+    model = randomize(tiny("dinomaly", enc, side=28), 1).train()
+    x = images(0, h=28, w=28)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loss_fn = torch.compile(model.loss, backend=BACKEND)
+    graphs = []
+    for it in (0, 100, 200, 300, 400):
+        model.on_train_iter(it, 10_000)
+        loss_fn(x)["loss"].backward()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and len(set(graphs[1:])) == 1, graphs
+
+
 # ----------------------------------------------------------------------------------------------
 # the Triton path, in a child under the interpreter
 # ----------------------------------------------------------------------------------------------

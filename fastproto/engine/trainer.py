@@ -161,9 +161,9 @@ def train(model: nn.Module, train_loader: DataLoader, *, iters: int | None = Non
         callback: ``callback(step, record)`` after each iteration (and its checkpoint); may raise to stop.
         find_unused_parameters: passed to DDP.
         compile: a ``torch.compile`` backend (e.g. ``"inductor"``) for the training loss (forward and backward);
-            None runs eagerly. Checkpoints hold the plain model's state either way. A model whose loss reads a
-            Python number that changes every iteration recompiles for each new value until dynamo's recompile
-            limit, then runs that frame eagerly (Dinomaly's hard-mining ramp during its first 1000 iterations).
+            None runs eagerly. Checkpoints hold the plain model's state either way. A loss that reads a Python
+            number changing every iteration recompiles for each new value, up to dynamo's recompile limit, then runs
+            eagerly; Dinomaly's ramped hard-mining threshold is therefore computed outside the graph.
 
     Returns ``{"step", "epoch", "checkpoint", "loss", "metrics"}`` (last logged losses and last evaluation).
     """

@@ -64,8 +64,7 @@ class _MiningGroupFn(torch.autograd.Function):
         pnd = torch.linalg.vector_norm(df, dim=cdim, keepdim=True).clamp_min(_EPS)
         dist = 1 - pdot / (pne * pnd)
         if mode == "hard":
-            k = int(dist.numel() * (1 - p))
-            thresh = torch.topk(dist.reshape(-1), k=k)[0][-1]
+            thresh = _ref.hard_threshold(dist, p)
             w = torch.where(dist < thresh, torch.full_like(dist, factor), torch.ones_like(dist))
         else:
             w = (dist / dist.mean()) ** gamma
