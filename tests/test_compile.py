@@ -21,6 +21,8 @@ import ast
 import importlib
 import math
 import pathlib
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -94,6 +96,14 @@ def test_kernel_op_is_a_direct_call_outside_compilation():
     a, b = _split(x, True)
     assert b is None and torch.equal(a, x * 2)
     assert torch.ops.fastproto.test_only_split.default._schema.returns[0].type.str() == "Tensor[]"
+
+
+def test_importing_fastproto_does_not_import_dynamo():
+    """Registering the kernel operators and marking what runs outside graphs must not import ``torch._dynamo``
+    (about 2 s) into every ``import fastproto``: it is imported by ``torch.compile`` when a user compiles."""
+    code = ("import sys, fastproto, fastproto.ops, fastproto.models, fastproto.engine, fastproto.cli; "
+            "sys.exit(int('torch._dynamo' in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
 
 
 def _launches(node) -> bool:

@@ -56,12 +56,19 @@ def point_distance(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(e.to(cd), d.to(cd), dim=cdim, eps=COS_EPS)).unsqueeze(cdim)
 
 
-# run eagerly under torch.compile: k sets topk's output size, and Dinomaly's ramp changes p (so k) every iteration
-# of its first 1000; compiled, each new k would be a recompilation, and the recompile limit would leave the whole
-# loss eager for the rest of the run
-@torch.compiler.disable
 def hard_threshold(dist: torch.Tensor, p: float) -> torch.Tensor:
-    """The k-th largest distance, ``k = int(numel * (1 - p))`` (Dinomaly)."""
+    """The k-th largest distance, ``k = int(numel * (1 - p))`` (Dinomaly).
+
+    Under ``torch.compile`` it runs outside the graph: k sets topk's output size, and Dinomaly's ramp changes p (so
+    k) every iteration of its first 1000; compiled, each new k would be a recompilation, and the recompile limit
+    would leave the whole loss eager for the rest of the run. (Disabled at call time: ``torch.compiler.disable``
+    at import would import dynamo, about 2 s, into every ``import fastproto``.)"""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_kth_largest)(dist, p)
+    return _kth_largest(dist, p)
+
+
+def _kth_largest(dist: torch.Tensor, p: float) -> torch.Tensor:
     k = int(dist.numel() * (1 - p))
     return torch.topk(dist.reshape(-1), k=k)[0][-1]
 
