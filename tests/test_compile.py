@@ -6,9 +6,12 @@ it as one opaque call with known output shapes instead of tracing into a Triton 
 * that every kernel launch in ``fastproto/ops`` sits in such an operator (AST);
 * the compiled extension's operators' shape-only implementations (``torch.library.opcheck`` on their CPU kernels);
 * in a child under the Triton interpreter: each op's Triton path compiled with ``fullgraph=True`` (static and
-  dynamic shapes) equals the eager Triton path, forward and backward; every kernel operator those ops call passes ``opcheck`` (fake outputs' shapes,
-  dtypes and strides equal the real ones); the ViT models and DPDiff-AD compiled equal their eager runs;
-* the models' reference path compiles without a graph break.
+  dynamic shapes) equals the eager Triton path, forward and backward; every kernel operator those ops call passes
+  ``opcheck`` (fake outputs' shapes, dtypes and strides equal the real ones); the ViT models and DPDiff-AD compiled
+  equal their eager runs, and so do their exported eval forwards, whose graphs keep the fused ops as operators;
+* in process, on the reference path: the models compiled (eval whole; training loss and gradients) and exported
+  (through ``torch.export.save`` / ``load``) equal eager; Dinomaly's ramp does not recompile; importing fastproto
+  does not import dynamo.
 
 The backend is ``aot_eager_decomp_partition``: dynamo and AOTAutograd with inductor's decompositions and
 partitioner, the operators opaque, without inductor's code generation (minutes of CPU compilation that test nothing
@@ -20,6 +23,7 @@ from __future__ import annotations
 import ast
 import importlib
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -223,6 +227,36 @@ def _compiled_vs_eager(impl: str, seed: int) -> dict:
     return res
 
 
+def _exported_vs_eager(impl: str, seed: int, save_dir=None) -> dict:
+    """Per model: ``torch.export`` of the eval forward, the max difference of the exported program's maps from
+    eager (relative) and the fastproto operators in its graph; with ``save_dir`` the program also goes through
+    ``torch.export.save`` / ``load`` (a deployment reloads it where fastproto is installed)."""
+    torch.manual_seed(seed)
+    x = images(0, h=28, w=28)
+    res = {}
+    for name, model in _tiny_models():
+        model.set_impl(impl).eval()
+        with torch.no_grad():
+            ref = model(x)["anomaly_map"]
+            program = torch.export.export(model, (x,))
+            if save_dir is not None:
+                path = os.path.join(save_dir, f"{name}.pt2")
+                torch.export.save(program, path)
+                program = torch.export.load(path)
+            out = program.module()(x)["anomaly_map"]
+        res[name] = {"map": float((out - ref).abs().max() / ref.abs().max()),
+                     "ops": sorted({str(n.target).split(".")[1] for n in program.graph.nodes
+                                    if str(n.target).startswith("fastproto.")})}
+    return res
+
+
+def test_models_export_on_the_reference_path(tmp_path):
+    res = _exported_vs_eager("reference", 0, save_dir=str(tmp_path))
+    assert set(res) == {*NAMES, "dpdiff"}, res
+    for name, r in res.items():
+        assert r["map"] <= 1e-5 and r["ops"] == [], f"{name}: {r}"
+
+
 def _assert_compiled_equal(res: dict, seed: int, *, whole_graphs: bool) -> None:
     assert set(res) == {*NAMES, "dpdiff"}, res
     for name, r in res.items():
@@ -345,7 +379,7 @@ def _interpreter_cases(seed: int) -> dict:
             torch.library.opcheck(op, args, kwargs, test_utils=_OPCHECKS)  # raises on a fake/real mismatch
             checked.add(op.name())
     return {"_interpreted": _interpreted(), "ops": ops_res, "opchecked": sorted(checked),
-            "models": _compiled_vs_eager("triton", seed)}
+            "models": _compiled_vs_eager("triton", seed), "exported": _exported_vs_eager("triton", seed)}
 
 
 def _interpreted() -> bool:
@@ -381,6 +415,17 @@ def test_every_triton_kernel_op_passes_opcheck(interpreter_results):
 def test_models_compile_on_the_triton_path(interpreter_results):
     seed, res = interpreter_results
     _assert_compiled_equal(res["models"], seed, whole_graphs=True)
+
+
+def test_models_export_with_the_kernel_operators(interpreter_results):
+    """The exported eval forward keeps the fused ops as fastproto operators (not the launchers' allocations)."""
+    seed, res = interpreter_results
+    fused = {"dinomaly": "triton_linear_attention_forward", "inpformer": "triton_prototype_attention_forward",
+             "proad": "triton_linear_attention_forward", "dpdiff": "triton_prototype_attention_forward"}
+    assert set(res["exported"]) == set(fused), res["exported"]
+    for name, r in res["exported"].items():
+        assert r["map"] <= 1e-5, f"{name}: {r} (seed={seed})"
+        assert {"triton_add_layer_norm", "triton_linear_gelu", fused[name]} <= set(r["ops"]), f"{name}: {r}"
 
 
 if __name__ == "__main__":

@@ -251,16 +251,18 @@ class DinoVisionTransformer(Backbone):
         loading weights, moving the model or an in-place update recomputes it): PyTorch's bicubic
         kernel parallelises over output pixels only and took 5.4 ms per forward on an H100 (9 % of an
         INP-Former batch of 64). Not cached while the parameter is being trained (autograd graph), nor under
-        ``torch.compile`` (the compiled graph computes it; a storage-keyed cache would break the graph)."""
+        ``torch.compile`` / ``torch.export`` (the graph computes it; a storage-keyed cache would break the graph, and
+        an exported parameter has no storage)."""
         grid = (h // self.patch_size, w // self.patch_size)
         p = self.pos_embed
-        cacheable = not (p.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
-        key = (grid, p.device, p.dtype, p.data_ptr(), p._version)
-        if cacheable and self._pos_cache is not None and self._pos_cache[0] == key:
-            pos = self._pos_cache[1]
-        else:
+        if (p.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():  # also torch.export
             pos = interpolate_pos_embed(p, grid, self.interpolate_offset, self.interpolate_antialias)
-            self._pos_cache = (key, pos) if cacheable else None
+        else:
+            key = (grid, p.device, p.dtype, p.data_ptr(), p._version)
+            if self._pos_cache is None or self._pos_cache[0] != key:
+                self._pos_cache = (key, interpolate_pos_embed(p, grid, self.interpolate_offset,
+                                                              self.interpolate_antialias))
+            pos = self._pos_cache[1]
         return pos if pos is p else pos.to(x.dtype)
 
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
