@@ -76,4 +76,7 @@ def test_models_data_training_example_runs(tmp_path, monkeypatch):
     ns = {"images": torch.rand(2, 3, 64, 64), "torch": torch}
     exec(compile(code, "README.md (models, data, training)", "exec"), ns)  # noqa: S102
     assert "mean" in ns["results"] and os.path.exists("runs/inp/last.pt")
-    assert callable(ns["fast"])
+    assert callable(ns["fast"]) and os.path.exists("inpformer.pt2")
+    with torch.no_grad():
+        reloaded = torch.export.load("inpformer.pt2").module()(ns["images"])["anomaly_map"]
+        torch.testing.assert_close(reloaded, ns["model"].eval()(ns["images"])["anomaly_map"])
