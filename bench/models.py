@@ -657,8 +657,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="torch.set_num_threads (CPU; default torch's). On a machine shared with other jobs 1 "
                          "thread gives far steadier timings than threads that wait for each other")
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                    help="inference and train-step rows under torch.compile (default backend inductor), both ops choices; "
-                         "the Sinkhorn share stays eager")
+                    help="inference and train-step rows under torch.compile (default backend inductor), both ops "
+                         "choices; the Sinkhorn share stays eager")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--quick", action="store_true",

@@ -193,10 +193,10 @@ def _tiny_models():
 
 
 def _compiled_vs_eager(impl: str, seed: int) -> dict:
-    """Per model: the max difference of the compiled eval maps (``fullgraph=True`` but for DPDiff-AD) from eager, and of the compiled
-    training loss and gradients (dropout off: compiled code draws its random numbers differently), relative to
-    eager's magnitudes; and the number of graph breaks of the training loss (the reference path has some by design:
-    the reference Sinkhorn's convergence test, the hard-mining reference's boolean-mask hooks)."""
+    """Per model: the max difference of the compiled eval maps (``fullgraph=True`` but for DPDiff-AD) from eager, and
+    of the compiled training loss and gradients (dropout off: compiled code draws its random numbers differently),
+    relative to eager's magnitudes; and the number of graph breaks of the training loss (the reference path has some
+    by design: the reference Sinkhorn's convergence test, the hard-mining reference's boolean-mask hooks)."""
     torch.manual_seed(seed)
     x = images(0, h=28, w=28)
     res = {}
@@ -323,7 +323,8 @@ def _op_cases(g: torch.Generator):
          (x, res, w, b, gamma)),
         ("add_layer_norm adaLN", lambda x, res, gate, shift, ms: ops.add_layer_norm(
             x, res, None, None, scale=gate, modulation=(shift, ms), impl="triton"), (x, res, gate, shift, mscale)),
-        ("linear_gelu", lambda x, w: (ops.linear_gelu(x, w, None, impl="triton"),), (x.detach(), r(24, 16, grad=False))),
+        ("linear_gelu", lambda x, w: (ops.linear_gelu(x, w, None, impl="triton"),),
+         (x.detach(), r(24, 16, grad=False))),
         ("anomaly_map", lambda *f: (ops.anomaly_map(f[:3], f[3:], (8, 8), groups=[[0, 1], [2]], eval_size=(6, 6),
                                                     impl="triton"),), (*enc, *dec)),
         ("gaussian_blur", lambda m: (ops.gaussian_blur(m, impl="triton"),), (r(2, 8, 8, grad=False),)),

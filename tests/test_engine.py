@@ -417,8 +417,8 @@ def test_compiled_training_and_evaluation_equal_eager(tmp_path, monkeypatch):
         torch.manual_seed(0)
         model = TinyAD(dropout=0.0)
         test = DataLoader(TinyData(augment=False, seed=1), batch_size=4)
-        out = train(model, build_train_loader(TinyData(), batch_size=3, seed=7), iters=6, out_dir=tmp_path / str(backend),
-                    seed=3, log_every=1, progress=False, device="cpu", compile=backend,
+        out = train(model, build_train_loader(TinyData(), batch_size=3, seed=7), iters=6,
+                    out_dir=tmp_path / str(backend), seed=3, log_every=1, progress=False, device="cpu", compile=backend,
                     eval_fn=lambda m: evaluate(m, test, resolution=None, compile=backend))
         runs[backend] = (model, [r["loss"] for r in _log(tmp_path / str(backend)) if "loss" in r], out["metrics"])
     assert compiled == ["LossForward", "TinyAD"]  # the training loss, then the evaluation forward

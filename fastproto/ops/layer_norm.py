@@ -43,21 +43,26 @@ def _triton_module():
 
 
 @kernel_op("triton_add_layer_norm")
-def _triton_forward(x: torch.Tensor, residual: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], shift: Optional[torch.Tensor], mscale: Optional[torch.Tensor],
-                    eps: float, rows_per_group: int, *, branch_dtype: torch.dtype, sdtype: torch.dtype,
-                    ln_dtype: torch.dtype, mod_dtype: torch.dtype,
-                    out_dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+def _triton_forward(x: torch.Tensor, residual: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                    mscale: Optional[torch.Tensor], eps: float, rows_per_group: int, *, branch_dtype: torch.dtype,
+                    sdtype: torch.dtype, ln_dtype: torch.dtype, mod_dtype: torch.dtype, out_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     return _triton_module().forward(x, residual, scale, weight, bias, shift, mscale, eps, rows_per_group,
                                     branch_dtype=branch_dtype, sdtype=sdtype, ln_dtype=ln_dtype,
                                     mod_dtype=mod_dtype, out_dtype=out_dtype)
 
 
 @kernel_op("triton_add_layer_norm_backward")
-def _triton_backward(grad_out: torch.Tensor, grad_s: Optional[torch.Tensor], s: torch.Tensor, x: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     mscale: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, rows_per_group: int, *, ln_dtype: torch.dtype,
-                     dx_dtype: Optional[torch.dtype], dr_dtype: Optional[torch.dtype], sum_weight: bool,
-                     sum_bias: bool, sum_scale: bool,
-                     sum_modulation: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _triton_backward(grad_out: torch.Tensor, grad_s: Optional[torch.Tensor], s: torch.Tensor,
+                     x: Optional[torch.Tensor], scale: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], mscale: Optional[torch.Tensor], mean: torch.Tensor,
+                     rstd: torch.Tensor, rows_per_group: int, *,
+                     ln_dtype: torch.dtype, dx_dtype: Optional[torch.dtype], dr_dtype: Optional[torch.dtype],
+                     sum_weight: bool, sum_bias: bool, sum_scale: bool, sum_modulation: bool
+                     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
+                                Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
+                                Optional[torch.Tensor]]:
     return _triton_module().backward(grad_out, grad_s, s, x, scale, weight, bias, mscale, mean, rstd,
                                      rows_per_group, ln_dtype=ln_dtype, dx_dtype=dx_dtype, dr_dtype=dr_dtype,
                                      sum_weight=sum_weight, sum_bias=sum_bias, sum_scale=sum_scale,

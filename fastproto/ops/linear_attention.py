@@ -133,7 +133,8 @@ COMPILED_BACKWARD_OP = "linear_attention_backward"
 
 
 @kernel_op("cuda_linear_attention_forward")
-def _compiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _compiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.fastproto.linear_attention_forward`` (CUDA on CUDA tensors, the same routine on the CPU):
     ``(out [B, H, Nq, Dv] in q's dtype, a permuted view of [B, Nq, H, Dv]; state [B, H, D, Dv], ksum [B, H, D])``,
     float32 state and key sum, as the Triton ``forward`` returns them."""
@@ -147,8 +148,8 @@ def _compiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: st
 
 
 @kernel_op("cuda_linear_attention_backward")
-def _compiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, ksum: torch.Tensor, grad_out: torch.Tensor, phi: str,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _compiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, ksum: torch.Tensor,
+                       grad_out: torch.Tensor, phi: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.fastproto.linear_attention_backward``: ``(dq, dk, dv)`` like q, k, v."""
     dq, dk, dv = (empty_output(t.shape, t.dtype, t.device) for t in (q, k, v))
     _ext.op(COMPILED_BACKWARD_OP)(q, k, v, state, ksum, grad_out, PHIS.index(phi), float(eps), dq, dk, dv)
@@ -156,13 +157,14 @@ def _compiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state:
 
 
 @kernel_op("triton_linear_attention_forward")
-def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton_module().forward(q, k, v, phi, eps)
 
 
 @kernel_op("triton_linear_attention_backward")
-def _triton_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, ksum: torch.Tensor, grad_out: torch.Tensor, phi: str,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, ksum: torch.Tensor,
+                     grad_out: torch.Tensor, phi: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton_module().backward(q, k, v, state, ksum, grad_out, phi, eps)
 
 

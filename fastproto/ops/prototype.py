@@ -82,8 +82,8 @@ _NORMALISED = ("relu_cos", "cos_softmax")
 
 
 @kernel_op("cuda_prototype_attention_forward")
-def _compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, kind: str, eps: float,
-                        want_attn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, kind: str,
+                        eps: float, want_attn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``torch.ops.fastproto.prototype_attention_forward`` (CUDA kernel on CUDA tensors, the same routine
     on the CPU): ``(out [B, H, N, Dv], weights [B, H, N, M] or None)`` in q's dtype; ``scale`` float32 [H]."""
     B, H, N, _ = q.shape
@@ -94,8 +94,9 @@ def _compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 
 @kernel_op("cuda_prototype_attention_backward")
-def _compiled_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, grad_attn: Optional[torch.Tensor],
-                                 kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _compiled_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                                 grad_out: torch.Tensor, grad_attn: Optional[torch.Tensor], kind: str,
+                                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.fastproto.prototype_attention_backward``: ``(dq, dk_acc, dv, dscale)`` as the Triton
     ``prototype_attention_backward`` returns them (float32 per-sample sums; d(k̂) for the normalised kinds)."""
     B, H, N, D = q.shape
@@ -107,16 +108,17 @@ def _compiled_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 @kernel_op("triton_prototype_attention_forward")
-def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, kind: str, eps: float,
-                      want_attn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, kind: str,
+                      eps: float, want_attn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     # the Triton kernels: relu_cos / softmax with the reference's norm floor, no weights output
     assert eps == _ref.ATTN_NORM_EPS and not want_attn
     return _triton_module().prototype_attention(q, k, v, scale, kind), None
 
 
 @kernel_op("triton_prototype_attention_backward")
-def _triton_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, grad_attn: Optional[torch.Tensor],
-                               kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                               grad_out: torch.Tensor, grad_attn: Optional[torch.Tensor], kind: str,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     assert grad_attn is None
     return _triton_module().prototype_attention_backward(q, k, v, scale, grad_out, kind)
 
@@ -262,13 +264,15 @@ class _RouteNearestFn(torch.autograd.Function):
 
 
 @kernel_op("triton_route_soft")
-def _triton_route_soft(x: torch.Tensor, p: torch.Tensor, tau: float, per_location: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_route_soft(x: torch.Tensor, p: torch.Tensor, tau: float,
+                       per_location: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _route_module().route_soft(x, p, tau, per_location)
 
 
 @kernel_op("triton_route_soft_backward")
-def _triton_route_soft_backward(x: torch.Tensor, p: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_w: Optional[torch.Tensor], tau: float,
-                                per_location: bool, need_dp: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _triton_route_soft_backward(x: torch.Tensor, p: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+                                grad_w: Optional[torch.Tensor], tau: float, per_location: bool,
+                                need_dp: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return _route_module().route_soft_backward(x, p, lse, grad_out, grad_w, tau, per_location, need_dp)
 
 
