@@ -259,10 +259,12 @@ def test_models_export_on_the_reference_path(tmp_path):
 
 
 def _assert_compiled_equal(res: dict, seed: int, *, whole_graphs: bool) -> None:
+    """``whole_graphs``: no graph break in the training losses but Dinomaly's, whose hard-mining threshold leaves the
+    graph by design (test_dinomaly_ramp_does_not_recompile)."""
     assert set(res) == {*NAMES, "dpdiff"}, res
     for name, r in res.items():
         assert r["map"] <= 1e-5 and r["loss"] <= 1e-5 and r["grad"] <= 1e-4, f"{name}: {r} (seed={seed})"
-        if whole_graphs:
+        if whole_graphs and name != "dinomaly":
             assert r["breaks"] == 0, f"{name}: the training loss broke the graph {r['breaks']} times (seed={seed})"
 
 
