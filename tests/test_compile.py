@@ -76,7 +76,7 @@ def test_kernel_op_outputs_through_the_operator():
 
 
 def _dispatched(fn) -> list:
-    """The fastproto operators dispatched while ``fn()`` runs."""
+    """``(operator, args, kwargs)`` of every fastproto operator dispatched while ``fn()`` runs."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen = []
@@ -84,7 +84,7 @@ def _dispatched(fn) -> list:
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.namespace == "fastproto":
-                seen.append(func.name())
+                seen.append((func, args, kwargs or {}))
             return func(*args, **(kwargs or {}))
 
     with Record():
@@ -97,7 +97,7 @@ def test_kernel_op_is_a_direct_call_outside_compilation():
     _CALLS.clear()
     assert _dispatched(lambda: _split(x, True)) == [] and _CALLS == ["split"]
     with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
-        assert _dispatched(lambda: _split(x, True)) == ["fastproto::test_only_split"]
+        assert [op.name() for op, _, _ in _dispatched(lambda: _split(x, True))] == ["fastproto::test_only_split"]
     a, b = _split(x, True)
     assert b is None and torch.equal(a, x * 2)
     assert torch.ops.fastproto.test_only_split.default._schema.returns[0].type.str() == "Tensor[]"
@@ -349,18 +349,10 @@ def _outputs_and_grads(fn, inputs, weights):
 def _kernel_calls(fn, inputs) -> dict:
     """The first call of each kernel operator while ``fn`` runs (forward and backward), made through the operator
     as under ``torch.compile``: {operator: (args, kwargs)}."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     calls = {}
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "fastproto":
-                calls.setdefault(func, (args, kwargs or {}))
-            return func(*args, **(kwargs or {}))
-
-    with mock.patch.object(torch.compiler, "is_compiling", lambda: True), Record():
-        _outputs_and_grads(fn, inputs, [torch.ones(4096)] * 4)
+    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+        for op, args, kwargs in _dispatched(lambda: _outputs_and_grads(fn, inputs, [torch.ones(4096)] * 4)):
+            calls.setdefault(op, (args, kwargs))
     return calls
 
 

@@ -88,12 +88,8 @@ class _AnomalyMapTritonFn(torch.autograd.Function):
     reach it (see :func:`_resolve_impl`); the backward raises in case one slips through."""
 
     @staticmethod
-    def forward(ctx, cfg, *features):
-        n = cfg["n_pairs"]
-        groups = cfg["groups"] or []
-        out = _triton_map(list(features[:n]), list(features[n:]), list(cfg["out_size"]),
-                          [i for g in groups for i in g], [len(g) for g in groups], cfg["sigma"],
-                          cfg["kernel_size"], None if cfg["eval_size"] is None else list(cfg["eval_size"]))
+    def forward(ctx, n_pairs, options, *features):
+        out = _triton_map(list(features[:n_pairs]), list(features[n_pairs:]), *options)
         ctx.mark_non_differentiable(out)
         return out
 
@@ -301,10 +297,11 @@ def anomaly_map(
         return _ref.anomaly_map(
             enc, dec, out_size, groups=groups, sigma=sigma, kernel_size=kernel_size, eval_size=eval_size
         )
-    cfg = dict(n_pairs=len(enc), out_size=out_size, groups=groups, sigma=sigma,
-               kernel_size=kernel_size, eval_size=eval_size)
+    flat = groups or []  # the kernel operator's schema takes the groups as members and sizes
+    options = (list(out_size), [i for g in flat for i in g], [len(g) for g in flat], sigma, kernel_size,
+               None if eval_size is None else list(eval_size))
     with device_guard(enc[0].device):
-        return apply(_AnomalyMapTritonFn, cfg, *enc, *dec)
+        return apply(_AnomalyMapTritonFn, len(enc), options, *enc, *dec)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, kernel_size: int = 5, impl: str = "auto") -> torch.Tensor:
