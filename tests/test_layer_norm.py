@@ -543,15 +543,13 @@ def _interpreter_main(seed: int) -> None:
         m.bias.normal_()
     xm = torch.randn(3, 7, 40)
     results["_module"] = rel_err(m(xm), F.layer_norm(xm.double(), (40,), m.weight.double(), m.bias.double(), 1e-6))
-    # the blocks through the kernels vs their reference mode: outputs and input / parameter gradients. float32:
-    # against each other; bfloat16 autocast: each against the float64 block (both carry bfloat16 error)
+    # the blocks through the kernels and in reference mode, each against the float64 block: outputs and input /
+    # parameter gradients, float32 and bfloat16 autocast
     blocks = {}
     for autocast in (False, True):
         for name, block, _, inputs in _blocks(seed):
             runs = {}
             for impl in ("triton", "reference", "float64"):
-                if impl == "float64" and not autocast:
-                    continue
                 b = copy.deepcopy(block).double() if impl == "float64" else block
                 _set_impl(b, "reference" if impl == "float64" else impl)
                 b.zero_grad()
@@ -563,9 +561,8 @@ def _interpreter_main(seed: int) -> None:
                 grads = torch.cat([t.grad.reshape(-1).double() for t in leaves] +
                                   [q.grad.reshape(-1).double() for q in b.parameters() if q.grad is not None])
                 runs[impl] = (out.detach(), grads)
-            truth = runs["float64" if autocast else "reference"]
             blocks[f"{name}{'_bf16' if autocast else ''}"] = {
-                key: [rel_err(runs[impl][i], truth[i]) for impl in ("triton", "reference")]
+                key: [rel_err(runs[impl][i], runs["float64"][i]) for impl in ("triton", "reference")]
                 for i, key in enumerate(("out", "grads"))} | {"low_precision": autocast}
     results["_blocks"] = blocks
     # the DINOv2 stack, whose fused path chains the blocks (each boundary's residual and the next norm1 in one
@@ -629,17 +626,21 @@ def test_triton_interpreter_nan_unsupported_module(interpreter_results):
     assert res["_module"] <= 1e-5, f"module rel err {res['_module']:.2e} (seed={seed})"
 
 
-#: bfloat16 blocks are compared with a float64 block, fused and reference mode alike; the fused error must stay
-#: within 2.5x reference mode's (+ 2e-3 for when that is tiny). The children round float32 -> bfloat16 to nearest
-#: as the GPU does (``_interpreter.round_bfloat16_like_the_gpu``). Over 46 seeds the fused error was at most 1.89x
-#: reference mode's (closest to the bound: 7.1e-3 against 4.1e-3), equal in most blocks. Some bfloat16 gradients are ill-conditioned on both paths (DiT's adaLN
-#: parameters, INP-Former's ReLU-cosine attention: up to 0.5 off float64), so correctness rests on the float32
-#: comparisons (1e-5); this one checks that fusing costs no accuracy.
-_BF16_SLACK = 2e-3
+#: Blocks are compared with a float64 block, fused and reference mode alike; the fused error must stay within 2.5x
+#: reference mode's plus a slack for when that is tiny: 2e-3 in bfloat16, 1e-5 in float32. bfloat16: the children
+#: round float32 -> bfloat16 to nearest as the GPU does (``_interpreter.round_bfloat16_like_the_gpu``); over 46 seeds
+#: the fused error was at most 1.89x reference mode's (closest to the bound: 7.1e-3 against 4.1e-3), equal in most
+#: blocks. Some bfloat16 gradients are ill-conditioned on both paths (DiT's adaLN parameters, INP-Former's
+#: ReLU-cosine attention: up to 0.5 off float64), so correctness rests on the float32 comparisons; this one checks
+#: that fusing costs no accuracy. float32: the two-block DiT stack's gradients carry up to 1e-5 of rounding on either
+#: path (over 25 seeds, against float64: fused 0.6e-6 to 9.9e-6, reference mode 0.6e-6 to 6.8e-6), so fused against
+#: reference mode at 1e-5 failed once (1.2e-5, seed 8323286, the two errors adding up); the non-DiT blocks stay below
+#: 2e-6.
+_SLACK = {True: 2e-3, False: 1e-5}
 
 
-def _bf16_bound(reference: float) -> float:
-    return 2.5 * reference + _BF16_SLACK
+def _block_bound(reference: float, low_precision: bool) -> float:
+    return 2.5 * reference + _SLACK[low_precision]
 
 
 def test_triton_interpreter_blocks_match_reference_mode(interpreter_results):
@@ -647,9 +648,7 @@ def test_triton_interpreter_blocks_match_reference_mode(interpreter_results):
     for name, r in res["_blocks"].items():
         for key in ("out", "grads"):
             fused, reference = r[key]
-            # float32: fused vs reference mode; bfloat16: against float64, within the reference mode's own error
-            # (see _BF16_SLACK)
-            bound = _bf16_bound(reference) if r["low_precision"] else 1e-5
+            bound = _block_bound(reference, r["low_precision"])
             assert fused <= bound, f"{name}: {key} rel err {fused:.2e} > {bound:.2e} ({r}, seed={seed})"
 
 
@@ -658,7 +657,7 @@ def test_triton_interpreter_chained_backbone_matches(interpreter_results):
     fused, _ = res["_backbone"]["fp32"]
     assert fused <= 1e-5, f"DINOv2 taps, fused vs reference mode: {fused:.2e} (seed={seed})"
     fused, reference = res["_backbone"]["bf16"]
-    assert fused <= _bf16_bound(reference), f"DINOv2 taps under bf16 autocast vs float64: fused {fused:.2e}, " \
+    assert fused <= _block_bound(reference, True), f"DINOv2 taps under bf16 autocast vs float64: fused {fused:.2e}, " \
         f"reference mode {reference:.2e} (seed={seed})"
 
 
