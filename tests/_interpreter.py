@@ -125,6 +125,33 @@ def check_model(test_file: str, maps=("anomaly_map",), **tols) -> None:
     assert_deltas(run(test_file, seed), seed, maps, **tols)
 
 
+def model_tests(test_file: str, runs_fn, maps=("anomaly_map",), **tols):
+    """A model test file's two fused-vs-reference tests, to assign at module level (pytest collects them by those
+    names): under the interpreter in a child (:func:`check_model`; the file's ``__main__`` calls
+    :func:`model_main`) and on a GPU (:func:`check_model_gpu`). ``runs_fn(seed, device=, fused=)`` gives the runs."""
+
+    def test_triton_model_matches_reference_under_interpreter():
+        check_model(test_file, maps, **tols)
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+    def test_gpu_model_matches_reference():
+        check_model_gpu(runs_fn, maps, **tols)
+
+    return test_triton_model_matches_reference_under_interpreter, test_gpu_model_matches_reference
+
+
+def model_main(test_file: str, runs_fn) -> None:
+    """A model test file's ``__main__``: the child emits the deltas of ``runs_fn(seed)`` (:func:`model_deltas`)."""
+    main(test_file, lambda seed: emit(model_deltas(runs_fn(seed))))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def check_model_gpu(runs_fn, maps=("anomaly_map",), **tols) -> None:
     """The same check on a GPU: ``runs_fn(seed, device="cuda", fused="auto")`` (the file's runs, with the kernels
     ``impl="auto"`` picks on CUDA) against reference mode."""

@@ -583,7 +583,6 @@ def test_gpu_triton_matches_reference_real_shapes(layout, dtype, seed):
             enc.append(e.to(dtype))
             dec.append(d.to(dtype))
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
-    tm = importlib.import_module("fastproto.triton.anomaly_map")
     old = _triton_pkg.POISON_OUTPUTS
     _triton_pkg.POISON_OUTPUTS = True
     try:

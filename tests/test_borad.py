@@ -610,20 +610,9 @@ def _runs(seed: int, device: str = "cpu", fused: str = "triton") -> dict:
     return runs
 
 
-def _interpreter_main(seed: int) -> None:
-    """Subprocess: the Triton kernels interpreted on the CPU."""
-    _interpreter.emit(_interpreter.model_deltas(_runs(seed)))
-
-
-def test_triton_model_matches_reference_under_interpreter():
-    _interpreter.check_model(__file__)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_model_matches_reference():
-    _interpreter.check_model_gpu(_runs)
+test_triton_model_matches_reference_under_interpreter, test_gpu_model_matches_reference = _interpreter.model_tests(
+    __file__, _runs)
 
 
 if __name__ == "__main__":
-    _interpreter.main(__file__, _interpreter_main)
+    _interpreter.model_main(__file__, _runs)

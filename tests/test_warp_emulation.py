@@ -2,7 +2,6 @@
 routines (kernels/*.h) with 32 emulated lanes and compares them with the one-thread run (itself tested against
 float64 by the op tests). A lane that skips a warp collective, or a lane-split loop that misses elements, fails
 here without a GPU."""
-import os
 import shutil
 import subprocess
 from pathlib import Path
