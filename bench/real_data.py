@@ -40,7 +40,7 @@ CONFIG = {
         "inpformer": {"iters": 400, "lr": 2e-3},
         "dinomaly": {"iters": 200, "lr": 2e-3},
         "proad": {"iters": 200, "lr": 1e-3},
-        "dpdiff": {"iters": 500, "lr": 1e-3},
+        "dpdiff": {"iters": 500, "lr": 1e-3, "set": {"sampling_draws": 4}},  # as the demo: 4 noise draws per image
         # the teacher's own stage taps (no token adapter) and the paper's optimizer / schedule
         "borad": {"iters": 300, "lr": None, "backbone_kwargs": {}, "schedule": "paper"},
     },
@@ -61,6 +61,8 @@ def train_argv(model: str, data: str, out: str, iters: int | None, seed: int) ->
         argv += ["--opt", f"warmup_iters={CONFIG['warmup_iters']}", "--opt", "warmup_epochs=null"]
     for key, value in m.get("backbone_kwargs", CONFIG["backbone_kwargs"]).items():
         argv += ["--set", f"backbone.{key}={json.dumps(value)}"]
+    for key, value in m.get("set", {}).items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
     return argv
 
 
@@ -85,6 +87,7 @@ def _report(rows: dict, args, started: str, load: tuple[float, float]) -> str:
         *(f"{name}: backbone options {CONFIG['models'][name].get('backbone_kwargs', CONFIG['backbone_kwargs'])}, "
           "the paper's optimizer and schedule (no warm-up / lr override)."
           for name in rows if CONFIG["models"][name].get("schedule") == "paper"),
+        *(f"{name}: model options {CONFIG['models'][name]['set']}." for name in rows if CONFIG["models"][name].get("set")),
         f"Command: `python bench/real_data.py {' '.join(sys.argv[1:])}`".rstrip() + "",
         "",
     ]

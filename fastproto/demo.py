@@ -83,7 +83,8 @@ DEMO: dict[str, Any] = {
         "inpformer": {"iters": 150, "lr": 2e-3},
         "dinomaly": {"iters": 150, "lr": 2e-3},
         "proad": {"iters": 150, "lr": 1e-3},
-        "dpdiff": {"iters": 500, "lr": 1e-3},
+        # four noise draws per image: with the paper's one, I-AUROC varied 0.87-0.99 over 10 sampling seeds
+        "dpdiff": {"iters": 500, "lr": 1e-3, "set": {"sampling_draws": 4}},
         # the teacher's own stage taps (no token adapter) and the paper's Adam + step schedule
         "borad": {"iters": 300, "lr": None, "backbone_kwargs": {}, "schedule": "paper"},
         # stride 8: a finer token grid for the small colour spots of the RGB-D objects

@@ -194,7 +194,7 @@ def _tiny_models():
 
 
 def _compiled_vs_eager(impl: str, seed: int) -> dict:
-    """Per model: the max difference of the compiled eval maps (``fullgraph=True`` but for DPDiff-AD) from eager, and
+    """Per model: the max difference of the compiled eval maps (``fullgraph=True``) from eager, and
     of the compiled training loss and gradients (dropout off: compiled code draws its random numbers differently),
     relative to eager's magnitudes; and the number of graph breaks of the training loss (the reference path has some
     by design: the reference Sinkhorn's convergence test, the hard-mining reference's boolean-mask hooks)."""
@@ -211,8 +211,7 @@ def _compiled_vs_eager(impl: str, seed: int) -> dict:
             torch.manual_seed(1)
             ref = model.eval()(x)["anomaly_map"]
             torch.manual_seed(1)
-            # DPDiff-AD draws its seeded DDIM noise from a torch.Generator made per call: dynamo runs that part eagerly
-            out = torch.compile(model, fullgraph=name != "dpdiff", backend=BACKEND)(x)["anomaly_map"]
+            out = torch.compile(model, fullgraph=True, backend=BACKEND)(x)["anomaly_map"]
         params = [p for p in model.parameters() if p.requires_grad]
         torch._dynamo.utils.counters.clear()
         grads = []

@@ -5,6 +5,7 @@ CNN token adapter. Tiny shapes throughout (random-weight DINOv2 with 32 channels
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from fastproto import backbones, models
 from fastproto.models import dpdiff
-from fastproto.models.dpdiff import ddim_sample, ddim_timesteps, linear_betas, q_sample
+from fastproto.models.dpdiff import ddim_sample, ddim_timesteps, linear_betas, q_sample, seeded_normal
 from tests import _interpreter
 
 SIDE = 56  # 4 x 4 patch grid (+ 5 prefix tokens)
@@ -72,6 +73,10 @@ def test_registry_defaults_and_config_errors(encoder):
         tiny(encoder, num_heads=3)
     with pytest.raises(ValueError, match="layers 0..11"):
         tiny(encoder, layers=[12])
+    assert model.sampling_draws == 1  # the paper's single noise draw
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="sampling_draws must be an int >= 1"):
+            tiny(encoder, sampling_draws=bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,20 +186,23 @@ def test_eval_outputs_and_score_rule(encoder):
         assert model(torch.randn(1, 3, SIDE, 84))["anomaly_map"].shape == (1, SIDE, 84)
 
 
-def test_map_is_the_upsampled_blurred_token_error(encoder, monkeypatch):
-    model = randomize(tiny(encoder), 2).eval()
+@pytest.mark.parametrize("draws", [1, 3])
+def test_map_is_the_upsampled_blurred_token_error(encoder, monkeypatch, draws):
+    model = randomize(tiny(encoder, sampling_draws=draws), 2).eval()
     x = images(2)
-    recon = {}
+    recon = []
     real = model.reconstruct
 
-    def spy(x0, grid):
-        recon["x0"], recon["x0_hat"] = x0, real(x0, grid)
-        return recon["x0_hat"]
+    def spy(x0, grid, draw=0):
+        recon.append((draw, x0, real(x0, grid, draw)))
+        return recon[-1][2]
 
     monkeypatch.setattr(model, "reconstruct", spy)
     with torch.no_grad():
         amap = model(x)["anomaly_map"]
-    err = (recon["x0_hat"] - recon["x0"]).pow(2).sum(-1).reshape(2, 1, 4, 4)
+    assert [d for d, _, _ in recon] == list(range(draws))  # each draw once, its own noise
+    assert all(not torch.equal(recon[0][2], r) for _, _, r in recon[1:])
+    err = sum((x0_hat - x0).pow(2).sum(-1) for _, x0, x0_hat in recon).reshape(2, 1, 4, 4) / draws
     up = F.interpolate(err, size=(SIDE, SIDE), mode="bilinear", align_corners=True)
     g = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / (2 * 4.0 ** 2))
     kernel = torch.outer(g, g) / torch.outer(g, g).sum()
@@ -221,6 +229,42 @@ def test_inference_is_deterministic_under_the_seed(encoder):
         flipped = model(x.flip(0))["anomaly_map"].flip(0)
     torch.testing.assert_close(alone, first, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flipped, first, atol=1e-5, rtol=1e-5)
+
+
+def _lowbias32(x: int) -> int:
+    """The 32-bit mixer re-stated on Python integers (C. Wellons' published constants)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_seeded_normal_is_a_counter_based_standard_normal():
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    # the integer hash equals the Python re-statement bit for bit (int64 tensors, no overflow)
+    xs = np.random.default_rng(seed).integers(0, 2 ** 32, 2000).tolist() + [0, 1, 2 ** 32 - 1]
+    assert dpdiff._hash32(torch.tensor(xs, dtype=torch.int64)).tolist() == [_lowbias32(x) for x in xs], f"seed={seed}"
+    # the first elements against a Python re-statement of the whole draw
+    key = _lowbias32(seed & 0xFFFFFFFF)
+    u = [((_lowbias32(_lowbias32(c) ^ key) >> 9) + 0.5) / 2 ** 23 for c in range(16)]
+    want = [math.sqrt(-2 * math.log(u[2 * i])) * math.cos(2 * math.pi * u[2 * i + 1]) for i in range(8)]
+    got = seeded_normal((2, 4), seed)
+    assert got.shape == (2, 4) and got.dtype == torch.float32
+    torch.testing.assert_close(got.flatten().double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    # a pure function of (seed, index): a longer draw starts with the shorter one; bfloat16 is the rounded float32
+    assert torch.equal(seeded_normal((3, 1000), seed).flatten()[:8], got.flatten())
+    assert torch.equal(seeded_normal((8,), seed, dtype=torch.bfloat16), got.flatten().bfloat16())
+    # standard normal, no correlation between neighbours or between seeds (n = 200k: null sd of each ~0.0022)
+    z, other = (seeded_normal((200_000,), s).double().numpy() for s in (seed, seed + 1))
+    assert abs(z.mean()) < 0.015 and abs(z.std() - 1) < 0.015, f"seed={seed}: {z.mean()}, {z.std()}"
+    assert stats.kstest(z, "norm").pvalue > 1e-6, f"seed={seed}"
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.015 and abs(np.corrcoef(z, other)[0, 1]) < 0.015, f"seed={seed}"
 
 
 def test_cross_attention_goes_through_the_softmax_prototype_op(encoder, monkeypatch):
@@ -392,20 +436,9 @@ def _runs(seed: int, device: str = "cpu", fused: str = "triton") -> dict:
     return runs
 
 
-def _interpreter_main(seed: int) -> None:
-    """Subprocess: the Triton kernels interpreted on the CPU."""
-    _interpreter.emit(_interpreter.model_deltas(_runs(seed)))
-
-
-def test_triton_model_matches_reference_under_interpreter():
-    _interpreter.check_model(__file__)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_model_matches_reference():
-    _interpreter.check_model_gpu(_runs)
+test_triton_model_matches_reference_under_interpreter, test_gpu_model_matches_reference = _interpreter.model_tests(
+    __file__, _runs)
 
 
 if __name__ == "__main__":
-    _interpreter.main(__file__, _interpreter_main)
+    _interpreter.model_main(__file__, _runs)

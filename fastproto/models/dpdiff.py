@@ -39,10 +39,14 @@ noise step at inference   "fixed t" (not stated)        ``noise_step = 400`` (0-
 DDIM steps                3                             3, evenly spaced ``t * (S - k) // S``, eta = 0
 Sinkhorn eps, cost        not stated                    0.05 on L2-normalised features (cost in [0, 4]),
                                                         100 iterations
-sampling noise            not stated                    a ``torch.Generator`` seeded with
-                                                        ``sampling_seed`` at every call, one draw shared
-                                                        by the batch: deterministic per image, whatever
-                                                        the batch
+sampling noise            not stated                    :func:`seeded_normal` of ``sampling_seed``: a
+                                                        counter-based draw (no generator state), the same
+                                                        on every device and under ``torch.compile``; one
+                                                        draw shared by the batch: deterministic per image,
+                                                        whatever the batch
+noise draws per image     one (implied by 101 FPS)      1 (``sampling_draws``; the mean token error of
+                                                        several draws lowers the variance of the map:
+                                                        the demo uses 4, see :mod:`fastproto.demo`)
 map smoothing             "Gaussian"                    5 x 5, sigma 4 (the ViT family's)
 score pooling window      not stated                    16 (ADer's ``pooling_ks``)
 training length           not stated                    200 epochs, batch 32, Adam lr 1e-4, constant
@@ -106,6 +110,43 @@ def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: 
     if not 0.0 < beta_start <= beta_end < 1.0:
         raise ValueError(f"betas must satisfy 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` for ``x`` in [0, 2**32) held in int64, without overflow (16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer (xor-shift-multiply, C. Wellons' "lowbias32" constants) on int64 values in
+    [0, 2**32): every input bit reaches every output bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def seeded_normal(shape: Sequence[int], seed: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32, offset: int = 0) -> Tensor:
+    """Standard-normal numbers that are a pure function of ``(seed mod 2**32, element index)``: counter-based,
+    with no generator state, so one ``seed`` gives the same numbers on every device (up to the last-bit rounding
+    of ``log`` and ``cos``), in every process and under ``torch.compile`` (no graph break). Element ``i`` hashes
+    the counters ``2i`` and ``2i + 1`` (hashed, xor the hashed seed, hashed again) to two 23-bit uniforms in
+    (0, 1), exact in float32, and turns them into one normal by Box-Muller (tails cut at about 5.8 sigma).
+    ``offset`` skips that many elements of the stream: consecutive blocks of one seed are independent draws."""
+    shape = tuple(shape)
+    key = _hash32(torch.tensor(int(seed) & _MASK32, dtype=torch.int64, device=device))
+    counter = 2 * (torch.arange(math.prod(shape), dtype=torch.int64, device=device) + int(offset))
+
+    def uniform(j: int) -> Tensor:
+        return ((_hash32(_hash32((counter + j) & _MASK32) ^ key) >> 9).float() + 0.5) / 2 ** 23
+
+    z = torch.sqrt(-2.0 * torch.log(uniform(0))) * torch.cos(2.0 * math.pi * uniform(1))
+    return z.to(dtype).reshape(shape)
 
 
 def _gather(values: Tensor, t: int | Tensor, like: Tensor) -> Tensor:
@@ -379,7 +420,10 @@ class DPDiffAD(ViTADModel):
         num_timesteps, beta_start, beta_end: DDPM schedule (1000, 1e-4, 0.02).
         noise_step: 0-based step the clean features are noised to at inference (400).
         ddim_steps: DDIM steps back to ``x̂0`` (3).
-        sampling_seed: seed of the inference noise (a fresh ``torch.Generator`` per call).
+        sampling_seed: seed of the inference noise (:func:`seeded_normal`, the same draw at every call).
+        sampling_draws: noise draws per image at inference (1, the paper's single draw); the token errors of
+            the draws are averaged, which lowers the variance of the map the one draw leaves (``k`` draws cost
+            ``k`` reconstructions).
         **kwargs: ``output_size``, ``sigma``, ``kernel_size``, ``score_rule`` (default
             ``"avgpool_max"``), ``score_topk``, ``score_pool_size``, ``optimizer``, ``impl`` of
             :class:`~fastproto.models._vit_common.ViTADModel` (``groups`` does not apply).
@@ -393,7 +437,8 @@ class DPDiffAD(ViTADModel):
                  ot_eps: float = 0.05, ot_normalize: bool = True, ot_iters: int = 100, depth: int = 6,
                  width: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0,
                  num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 noise_step: int = 400, ddim_steps: int = 3, sampling_seed: int = 0, **kwargs: Any):
+                 noise_step: int = 400, ddim_steps: int = 3, sampling_seed: int = 0, sampling_draws: int = 1,
+                 **kwargs: Any):
         if kwargs.get("groups") is not None:
             raise TypeError("DPDiffAD: groups does not apply (one averaged feature map is reconstructed)")
         kwargs.setdefault("score_rule", "avgpool_max")
@@ -403,6 +448,8 @@ class DPDiffAD(ViTADModel):
         super().__init__(encoder, layers=layers, **kwargs)
         if num_local < 1 or num_global < 1:
             raise ValueError(f"DPDiffAD: num_local and num_global must be >= 1, got {num_local} and {num_global}")
+        if isinstance(sampling_draws, bool) or not isinstance(sampling_draws, int) or sampling_draws < 1:
+            raise ValueError(f"DPDiffAD: sampling_draws must be an int >= 1, got {sampling_draws!r}")
         if not 0 <= noise_step < num_timesteps:
             raise ValueError(f"DPDiffAD: noise_step must be in [0, {num_timesteps - 1}], got {noise_step}")
         dim = self.embed_dim
@@ -413,6 +460,7 @@ class DPDiffAD(ViTADModel):
         self.local_weight, self.global_weight = float(local_weight), float(global_weight)
         self.ot_eps, self.ot_normalize, self.ot_iters = float(ot_eps), bool(ot_normalize), int(ot_iters)
         self.noise_step, self.ddim_steps, self.sampling_seed = int(noise_step), int(ddim_steps), int(sampling_seed)
+        self.sampling_draws = sampling_draws
         self.timesteps = ddim_timesteps(self.noise_step, self.ddim_steps)
 
         self.local_tokens = nn.Parameter(torch.randn(num_local, dim))
@@ -451,13 +499,14 @@ class DPDiffAD(ViTADModel):
         return self.dit(z, t, grid).float()
 
     @torch.no_grad()
-    def reconstruct(self, x0: Tensor, grid: tuple[int, int]) -> Tensor:
-        """``x̂0`` of the tokens: ``[x0; prototypes(x0)]`` noised to ``noise_step`` with the seeded noise,
-        then ``ddim_steps`` deterministic DDIM steps."""
-        z0 = torch.cat([x0, *(p.float() for p in self.prototypes(x0))], dim=1)
-        gen = torch.Generator(device=z0.device).manual_seed(self.sampling_seed)
+    def reconstruct(self, x0: Tensor, grid: tuple[int, int], draw: int = 0) -> Tensor:
+        """``x̂0`` of the tokens: ``[x0; prototypes(x0)]`` noised to ``noise_step`` with draw ``draw`` of the
+        seeded noise, then ``ddim_steps`` deterministic DDIM steps."""
+        local, glob = self.prototypes(x0)
+        z0 = torch.cat([x0, local.float(), glob.float()], dim=1)
         # one draw [1, L, C] shared by the batch: an image's map must not depend on its batch or its place in it
-        noise = torch.randn((1, *z0.shape[1:]), generator=gen, device=z0.device, dtype=z0.dtype).expand_as(z0)
+        noise = seeded_normal((1, *z0.shape[1:]), self.sampling_seed, z0.device, z0.dtype,
+                              offset=draw * z0[0].numel()).expand_as(z0)
         z_t = q_sample(z0, self.noise_step, noise, self.alphas_cumprod)
         z_hat = ddim_sample(lambda z, t: self.eps(z, t, grid), z_t, self.timesteps, self.alphas_cumprod)
         return z_hat[:, :x0.shape[1]]
@@ -481,6 +530,9 @@ class DPDiffAD(ViTADModel):
         """``{"anomaly_map": [B, H, W] float32, "score": [B]}`` (deterministic: seeded noise, DDIM)."""
         x0, grid = self.tokens(images)
         errors = (self.reconstruct(x0, grid) - x0).square().sum(-1)
+        for draw in range(1, self.sampling_draws):  # more draws: the mean token error (the paper: one)
+            errors = errors + (self.reconstruct(x0, grid, draw) - x0).square().sum(-1)
+        errors = errors / self.sampling_draws
         amap = self.score_map(errors, grid, tuple(images.shape[-2:]))
         score = image_score(amap, self.score_rule, topk=self.score_topk, pool_size=self.score_pool_size)
         return {"anomaly_map": amap, "score": score}
