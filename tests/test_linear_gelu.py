@@ -139,14 +139,13 @@ def _interpreter_main(seed: int) -> None:
             results[key] = False
         except RuntimeError as exc:
             results[key] = marker in str(exc)
-    # the models' MLPs (DINOv2's and the decoders') through the kernel vs their eager pair
-    from fastproto.backbones.vit import Mlp as VitMlp
-    from fastproto.models._vit_common import Mlp
+    # the models' MLP module (DINOv2's; the decoders' and bottlenecks' with dropout) vs its eager pair
+    from fastproto.ops import Mlp
 
     torch.manual_seed(seed)
     xm = torch.randn(2, 11, 24)
     errs = {}
-    for name, mlp in (("vit", VitMlp(24, 40)), ("decoder", Mlp(24, 40, 24, drop=0.2, input_dropout=True).eval())):
+    for name, mlp in (("vit", Mlp(24, 40)), ("decoder", Mlp(24, 40, 24, drop=0.2, input_dropout=True).eval())):
         with torch.no_grad():
             mlp.impl = "triton"
             fused = mlp(xm)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from fastproto import backbones, models
-from fastproto.models._vit_common import Mlp, default_groups, default_layers
+from fastproto.models._vit_common import default_groups, default_layers
+from fastproto.ops import Mlp
 from tests import _interpreter
 
 TINY = {"embed_dim": 64, "depth": 12, "num_heads": 2}  # DINOv2-shaped, 12 blocks so layers 2..9 are the default

@@ -10,8 +10,10 @@ import os
 import pathlib
 import re
 
-import pytest
 import torch
+
+from fastproto import ops
+from tests.test_convert import foreign_model
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -49,7 +51,7 @@ def test_metrics_and_ops_example_runs():
         "learn_scale": torch.ones(H, 1, 1), "x": r(B, N, C), "prototypes": r(M, C), "cost": r(B, N, 3).abs(),
         "enc_groups": [r(B, C, 4, 4)], "dec_groups": [r(B, C, 4, 4)], "branch": r(B, N, C), "residual": r(B, N, C),
         "norm": norm, "ls": type("LayerScale", (), {"gamma": r(C)}), "h": r(B, N, C), "gate": r(B, 1, C),
-        "shift": r(B, 1, C), "scale": r(B, 1, C), "fc1": fc1,
+        "shift": r(B, 1, C), "scale": r(B, 1, C), "fc1": fc1, "model": foreign_model(0),
     }
     code = _substitute(_blocks()[0], [
         ('Evaluator("exact", device="cuda")', 'Evaluator("exact", device="cpu")'),
@@ -59,6 +61,7 @@ def test_metrics_and_ops_example_runs():
     assert set(ns["results"]) == {"a", "b", "mean"} and all(v == v for v in ns["results"]["mean"].values())
     assert ns["amap"].shape == (B, 256, 256) and ns["score"].shape == (B,)
     assert ns["h"].shape == (B, N, 4 * C) and ns["out"].shape == (B, N, C)
+    assert type(ns["model"].decoder[0].attn) is ops.LinearAttention and ns["model"].norm.impl == "reference"
 
 
 def test_models_data_training_example_runs(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastproto.ops._dispatch import autocast_dtype
+from fastproto.ops._dispatch import autocast_dtype, set_impl
 
 __all__ = ["Backbone", "FrozenModule", "ConvBackbone", "TokenAdapter", "DinoVisionTransformer", "EfficientNetLite",
            "WideResNet", "create", "list_backbones", "register_backbone", "adapter", "cnn", "vit", "weights"]
@@ -107,10 +107,7 @@ class Backbone(FrozenModule):
         ``"auto"`` | ``"triton"`` | ``"reference"`` (the eager expressions)."""
         if impl not in ("auto", "triton", "reference"):
             raise ValueError(f"{type(self).__name__}: impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-        for module in self.modules():
-            if isinstance(getattr(module, "impl", None), str):
-                module.impl = impl
-        return self
+        return set_impl(self, impl)
 
     def forward_layers(self, images: Tensor, layers: Sequence[int]) -> list[Tensor]:
         """Outputs ``[B, P + h*w, C]`` of the given 0-based layers, in the order given.

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastproto.backbones import Backbone
-from fastproto.ops import fc_gelu, pre_norm
+from fastproto.ops import Mlp, pre_norm
 from fastproto.backbones.weights import dinov2_auto, find_checkpoint, load_checked, read_state_dict
 
-__all__ = ["DinoVisionTransformer", "Attention", "Block", "LayerScale", "Mlp", "SwiGLUFFN", "PatchEmbed",
+__all__ = ["DinoVisionTransformer", "Attention", "Block", "LayerScale", "SwiGLUFFN", "PatchEmbed",
            "interpolate_pos_embed", "DINOV2_ARCHS", "dinov2", "dinov2_checkpoint_name"]
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -83,20 +83,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """``fc2(gelu(fc1(x)))``; ``gelu(fc1(x))`` through :func:`fastproto.ops.fc_gelu` (one kernel on the GPU at
-    inference; the eager pair with ``impl="reference"`` or gradients)."""
-
-    def __init__(self, dim: int, hidden: int, bias: bool = True, impl: str = "auto"):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-        self.impl = impl
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(fc_gelu(self.fc1, x, impl=self.impl))
 
 
 class SwiGLUFFN(nn.Module):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastproto.ops import anomaly_map, cosine_mining_loss, fc_gelu, image_score, pre_norm
+from fastproto.ops import Mlp, anomaly_map, cosine_mining_loss, image_score, pre_norm, set_impl
 
 __all__ = [
     "LN_EPS",
@@ -49,31 +49,6 @@ _SCORE_RULES = ("max", "topk_mean", "avgpool_max")
 # ----------------------------------------------------------------------------------------------
 # blocks
 # ----------------------------------------------------------------------------------------------
-
-
-class Mlp(nn.Module):
-    """``fc1 -> GELU -> dropout -> fc2 -> dropout`` (timm ``Mlp``; official ``Mlp``).
-
-    ``input_dropout=True`` also drops the input (Dinomaly's ``bMlp``, the "noisy bottleneck":
-    one ``nn.Dropout`` applied three times). ``forward(x, noise=False)`` skips every dropout even in
-    training (Pro-AD passes its prototypes through the noisy bottleneck with dropout 0).
-    ``GELU(fc1(x))`` runs through :func:`fastproto.ops.fc_gelu` (fused at inference unless ``impl="reference"``).
-    """
-
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-                 drop: float = 0.0, input_dropout: bool = False, impl: str = "auto"):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
-        self.drop = nn.Dropout(drop)
-        self.input_dropout = input_dropout
-        self.impl = impl
-
-    def forward(self, x: Tensor, noise: bool = True) -> Tensor:
-        drop = self.drop if noise else _identity
-        if self.input_dropout:
-            x = drop(x)
-        return drop(self.fc2(drop(fc_gelu(self.fc1, x, impl=self.impl))))
 
 
 class AggregationAttention(nn.Module):
@@ -145,10 +120,6 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
 
 
 def fuse(features: Sequence[Tensor]) -> Tensor:
@@ -326,18 +297,11 @@ class ViTADModel(nn.Module):
     def set_impl(self, impl: str) -> ViTADModel:
         """Run every op of the model (attention, routing, loss, anomaly map) with ``impl``:
         ``"reference"`` forces the plain-PyTorch references, ``"triton"`` forces the kernels,
-        ``"auto"`` picks per call. The frozen encoder follows when it has ``set_impl``."""
+        ``"auto"`` picks per call. The frozen encoder follows (its fastproto blocks)."""
         if impl not in IMPLS:
             raise ValueError(f"{type(self).__name__}: impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
-        for name, module in self.named_modules():
-            if name.split(".")[0] == "encoder" or module is self:
-                continue
-            if isinstance(getattr(module, "impl", None), str):
-                module.impl = impl
-        if hasattr(self.encoder, "set_impl"):
-            self.encoder.set_impl(impl)
-        return self
+        return set_impl(self, impl)
 
     @property
     def _loss_impl(self) -> str:

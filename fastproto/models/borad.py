@@ -109,7 +109,7 @@ from torch import Tensor, nn
 from fastproto.backbones.cnn import Bottleneck
 from fastproto.models import register_model
 from fastproto.models._vit_common import IMPLS, _check_fraction, _images_from_batch
-from fastproto.ops import anomaly_map, cosine_mining_loss, image_score, route
+from fastproto.ops import anomaly_map, cosine_mining_loss, image_score, route, set_impl
 
 __all__ = ["MFFOCE", "BoRAD", "MultiProjection", "PrototypeBank", "ReverseDecoder", "ReverseDistillation",
            "UpBottleneck", "official_key", "orthonormal_bank"]
@@ -386,10 +386,7 @@ class ReverseDistillation(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"{type(self).__name__}: impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
-        for module in self.modules():
-            if module is not self and isinstance(getattr(module, "impl", None), str):
-                module.impl = impl
-        return self
+        return set_impl(self, impl)
 
     def teacher_features(self, images: Tensor) -> list[Tensor]:
         return self.teacher.forward_taps(images, self.taps)

@@ -213,3 +213,15 @@ def resolve_impl(op: str, impl: str, tensors: Sequence[torch.Tensor], *, impls: 
     if reason:
         raise RuntimeError(f"{op}: impl={impl!r} cannot run these inputs: {reason}")
     return impl
+
+
+def set_impl(module: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """Set ``impl`` on ``module`` and on every submodule that has a string ``impl`` attribute (the fastproto
+    modules: attention, LayerNorm, MLP, blocks), so that the whole model runs its ops with one choice; returns
+    ``module``. An op that lacks the chosen implementation says so when it is called."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"set_impl: impl must be one of {IMPLS}, got {impl!r}")
+    for sub in module.modules():
+        if isinstance(getattr(sub, "impl", None), str):
+            sub.impl = impl
+    return module

@@ -22,7 +22,7 @@ from fastproto.ops._dispatch import autocast_dtype, device_guard, kernel_op, res
 # by full name: package attributes may be shadowed by re-exported functions of the same name
 _ref = importlib.import_module("fastproto.reference.linear_gelu")
 
-__all__ = ["linear_gelu", "fc_gelu"]
+__all__ = ["linear_gelu", "fc_gelu", "Mlp"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -103,3 +103,34 @@ def fc_gelu(fc: nn.Linear, x: torch.Tensor, *, impl: str = "auto") -> torch.Tens
     if impl == "reference" or needs_grad:
         return F.gelu(fc(x))
     return linear_gelu(x, fc.weight, fc.bias, impl=impl)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class Mlp(nn.Module):
+    """A transformer MLP ``drop(fc2(drop(gelu(fc1(x)))))``, ``gelu(fc1(x))`` through :func:`fc_gelu` (one kernel
+    at inference unless ``impl="reference"``).
+
+    The parameters and state_dict keys (``fc1``, ``fc2``) and the dropout places of timm's, DINOv2's, Dinomaly's
+    and INP-Former's ``Mlp`` (one ``p`` for both places, as DINOv2's single ``drop``). ``input_dropout=True``
+    also drops the input: Dinomaly's ``bMlp``, the "noisy bottleneck", which applies one ``nn.Dropout`` three
+    times. ``forward(x, noise=False)`` skips every dropout even in training (Pro-AD passes its prototypes
+    through the noisy bottleneck without noise).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None, bias: bool = True,
+                 drop: float = 0.0, input_dropout: bool = False, impl: str = "auto"):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
+        self.drop = nn.Dropout(drop)
+        self.input_dropout = input_dropout
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        drop = self.drop if noise else _identity
+        if self.input_dropout:
+            x = drop(x)
+        return drop(self.fc2(drop(fc_gelu(self.fc1, x, impl=self.impl))))
