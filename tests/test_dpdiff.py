@@ -187,22 +187,23 @@ def test_eval_outputs_and_score_rule(encoder):
 
 
 @pytest.mark.parametrize("draws", [1, 3])
-def test_map_is_the_upsampled_blurred_token_error(encoder, monkeypatch, draws):
+def test_map_is_the_upsampled_blurred_token_error(encoder, draws):
+    """The map re-stated from the pieces: draw k noises ``[x0; prototypes]`` with block k of the seeded stream,
+    DDIM back to x̂0, the token errors averaged over the draws, upsampled and blurred."""
     model = randomize(tiny(encoder, sampling_draws=draws), 2).eval()
     x = images(2)
-    recon = []
-    real = model.reconstruct
-
-    def spy(x0, grid, draw=0):
-        recon.append((draw, x0, real(x0, grid, draw)))
-        return recon[-1][2]
-
-    monkeypatch.setattr(model, "reconstruct", spy)
     with torch.no_grad():
+        x0, grid = model.tokens(x)
+        z0 = torch.cat([x0, *model.prototypes(x0)], dim=1)
+        hats = []
+        for k in range(draws):
+            noise = seeded_normal((1, *z0.shape[1:]), model.sampling_seed, offset=k * z0[0].numel()).expand_as(z0)
+            z_t = q_sample(z0, model.noise_step, noise, model.alphas_cumprod)
+            z_hat = ddim_sample(lambda z, t: model.eps(z, t, grid), z_t, model.timesteps, model.alphas_cumprod)
+            hats.append(z_hat[:, :x0.shape[1]])
         amap = model(x)["anomaly_map"]
-    assert [d for d, _, _ in recon] == list(range(draws))  # each draw once, its own noise
-    assert all(not torch.equal(recon[0][2], r) for _, _, r in recon[1:])
-    err = sum((x0_hat - x0).pow(2).sum(-1) for _, x0, x0_hat in recon).reshape(2, 1, 4, 4) / draws
+    assert all(not torch.equal(hats[0], h) for h in hats[1:])  # each draw its own noise
+    err = sum((h - x0).pow(2).sum(-1) for h in hats).reshape(2, 1, 4, 4) / draws
     up = F.interpolate(err, size=(SIDE, SIDE), mode="bilinear", align_corners=True)
     g = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / (2 * 4.0 ** 2))
     kernel = torch.outer(g, g) / torch.outer(g, g).sum()

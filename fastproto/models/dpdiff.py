@@ -499,17 +499,21 @@ class DPDiffAD(ViTADModel):
         return self.dit(z, t, grid).float()
 
     @torch.no_grad()
-    def reconstruct(self, x0: Tensor, grid: tuple[int, int], draw: int = 0) -> Tensor:
-        """``x̂0`` of the tokens: ``[x0; prototypes(x0)]`` noised to ``noise_step`` with draw ``draw`` of the
-        seeded noise, then ``ddim_steps`` deterministic DDIM steps."""
+    def token_errors(self, x0: Tensor, grid: tuple[int, int]) -> Tensor:
+        """``‖x̂0 − x0‖²`` per token ``[B, N]``: ``[x0; prototypes(x0)]`` noised to ``noise_step`` with the seeded
+        noise, then ``ddim_steps`` deterministic DDIM steps to ``x̂0``; with ``sampling_draws`` > 1 the mean over
+        that many draws (draw ``k`` is the stream's ``k``-th block; the prototypes are computed once)."""
         local, glob = self.prototypes(x0)
         z0 = torch.cat([x0, local.float(), glob.float()], dim=1)
-        # one draw [1, L, C] shared by the batch: an image's map must not depend on its batch or its place in it
-        noise = seeded_normal((1, *z0.shape[1:]), self.sampling_seed, z0.device, z0.dtype,
-                              offset=draw * z0[0].numel()).expand_as(z0)
-        z_t = q_sample(z0, self.noise_step, noise, self.alphas_cumprod)
-        z_hat = ddim_sample(lambda z, t: self.eps(z, t, grid), z_t, self.timesteps, self.alphas_cumprod)
-        return z_hat[:, :x0.shape[1]]
+        errors = z0.new_zeros(x0.shape[:2])
+        for draw in range(self.sampling_draws):
+            # one draw [1, L, C] shared by the batch: an image's map must not depend on its batch or its place in it
+            noise = seeded_normal((1, *z0.shape[1:]), self.sampling_seed, z0.device, z0.dtype,
+                                  offset=draw * z0[0].numel()).expand_as(z0)
+            z_t = q_sample(z0, self.noise_step, noise, self.alphas_cumprod)
+            z_hat = ddim_sample(lambda z, t: self.eps(z, t, grid), z_t, self.timesteps, self.alphas_cumprod)
+            errors += (z_hat[:, :x0.shape[1]] - x0).square().sum(-1)
+        return errors / self.sampling_draws
 
     def score_map(self, errors: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
         """Token errors ``[B, h*w]`` -> map ``[B, H, W]`` float32: bilinear upsampling (align_corners=True)
@@ -529,11 +533,7 @@ class DPDiffAD(ViTADModel):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``{"anomaly_map": [B, H, W] float32, "score": [B]}`` (deterministic: seeded noise, DDIM)."""
         x0, grid = self.tokens(images)
-        errors = (self.reconstruct(x0, grid) - x0).square().sum(-1)
-        for draw in range(1, self.sampling_draws):  # more draws: the mean token error (the paper: one)
-            errors = errors + (self.reconstruct(x0, grid, draw) - x0).square().sum(-1)
-        errors = errors / self.sampling_draws
-        amap = self.score_map(errors, grid, tuple(images.shape[-2:]))
+        amap = self.score_map(self.token_errors(x0, grid), grid, tuple(images.shape[-2:]))
         score = image_score(amap, self.score_rule, topk=self.score_topk, pool_size=self.score_pool_size)
         return {"anomaly_map": amap, "score": score}
 
