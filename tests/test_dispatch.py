@@ -174,3 +174,40 @@ def test_every_op_function_forward_runs_on_the_inference_context():
                     assert read <= provided, f"{path.name}:{cls.name}.forward reads ctx.{sorted(read - provided)}"
                     checked += 1
     assert checked >= 10, checked
+
+
+def test_references_compute_in_their_own_dtypes_under_autocast():
+    """Each reference states its compute dtype (float32 for bfloat16 inputs); autocast must not recast its float32
+    products to bfloat16: outputs and input gradients equal those of the same call outside autocast, bit for bit.
+    (``add_layer_norm``'s output dtype follows autocast by design, as ``F.layer_norm``'s: test_layer_norm.)"""
+    from fastproto import reference as R
+
+    seed = int.from_bytes(__import__("os").urandom(3), "little")
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).bfloat16()
+
+    q, k, v, x, p = r(2, 2, 7, 8), r(2, 2, 5, 8), r(2, 2, 5, 8), r(2, 7, 16), r(3, 16)
+    calls = {
+        "linear_attention": (lambda q, k, v: R.linear_attention.linear_attention_with_state(q, k, v)[0], (q, k, v)),
+        "prototype_attention relu_cos": (lambda q, k, v: R.prototype.prototype_attention(q, k, v), (q, k, v)),
+        "prototype_attention softmax": (lambda q, k, v: R.prototype.prototype_attention(q, k, v, kind="softmax"),
+                                        (q, k, v)),
+        "route soft": (lambda x, p: R.prototype.route(x, p, mode="soft")[0], (x, p)),
+        "route nearest": (lambda x, p: R.prototype.route(x, p)[0], (x, p)),
+        "coherence_loss": (R.losses.coherence_loss, (x, p)),
+        "cosine_mining_loss": (lambda e, d: R.losses.cosine_mining_loss([e], [d]), (x, r(2, 7, 16))),
+        "ot_alignment_loss": (lambda x, p: R.sinkhorn.ot_alignment_loss(x, p, n_iters=20), (x, p)),
+    }
+    for name, (fn, inputs) in calls.items():
+        runs = []
+        for autocast in (False, True):
+            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = fn(*leaves)
+            out.float().sum().backward()
+            runs.append([out.detach(), *(t.grad for t in leaves)])
+        for a, b in zip(*runs):
+            same = a is None and b is None or a is not None and b is not None and a.dtype == b.dtype and torch.equal(a, b)
+            assert same, f"{name}: autocast changed the result (seed={seed})"

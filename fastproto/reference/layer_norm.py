@@ -26,6 +26,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from fastproto.reference._precision import outside_autocast
+
 __all__ = ["add_layer_norm", "layer_norm", "default_out_dtype", "modulated_dtype", "summed_dtype"]
 
 
@@ -63,13 +65,10 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     sdtype = summed_dtype(x, residual, scale)
     ln_dtype = default_out_dtype(sdtype, x.device)
     out_dtype = out_dtype or modulated_dtype(ln_dtype, modulation)
-    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-        # autocast off: the promotion rules above decide the dtypes, not autocast's op lists
-        with torch.autocast(x.device.type, enabled=False):
-            return _add_layer_norm(x, residual, weight, bias, scale, eps, sdtype, ln_dtype, out_dtype, modulation)
     return _add_layer_norm(x, residual, weight, bias, scale, eps, sdtype, ln_dtype, out_dtype, modulation)
 
 
+@outside_autocast  # the promotion rules above decide the dtypes, not autocast's op lists
 def _add_layer_norm(x, residual, weight, bias, scale, eps, sdtype, ln_dtype, out_dtype, modulation):
     s = x if scale is None else x * scale  # the eager block's order: residual + (branch * gamma)
     if residual is not None:

@@ -20,6 +20,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from fastproto.reference._precision import outside_autocast
+
 PHIS = ("elu", "relu")
 
 
@@ -47,6 +49,7 @@ def feature_map_grad(x: torch.Tensor, phi: str) -> torch.Tensor:
     raise ValueError(f"linear_attention: phi must be one of {PHIS}, got {phi!r}")
 
 
+@outside_autocast
 def linear_attention_with_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: str = "elu",
                                 eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out, S)``: the attention output (input dtype) and the kv state S (input dtype)."""
@@ -71,6 +74,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, phi: 
     return linear_attention_with_state(q, k, v, phi=phi, eps=eps)[0]
 
 
+@outside_autocast
 def linear_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, *,
                               phi: str = "elu", eps: float = 1e-6,
                               state: Optional[torch.Tensor] = None, ksum: Optional[torch.Tensor] = None

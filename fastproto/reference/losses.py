@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fastproto.reference import prototype as _proto
+from fastproto.reference._precision import outside_autocast
 
 COS_EPS = 1e-8  # torch.nn.CosineSimilarity default, as in the official code
 MODES = ("soft", "hard")
@@ -89,6 +90,7 @@ def _global_cos_term(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.mean(1 - F.cosine_similarity(e.to(cd).reshape(b, -1), d.to(cd).reshape(b, -1), dim=1, eps=COS_EPS))
 
 
+@outside_autocast
 def cosine_mining_loss(encoder_feats: Sequence[torch.Tensor], decoder_feats: Sequence[torch.Tensor], *,
                        mode: str = "soft", gamma: float = 3.0, hard_fraction: float = 0.9,
                        hard_factor: float = 0.1) -> torch.Tensor:
@@ -111,6 +113,7 @@ def cosine_mining_loss(encoder_feats: Sequence[torch.Tensor], decoder_feats: Seq
     return loss.to(decoder_feats[0].dtype)
 
 
+@outside_autocast
 def coherence_loss(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """INP-Former ``L_c = mean_{b,n} min_m (1 - cos(f[b, n], p_m))``; ``features`` [B, N, C],
     ``prototypes`` [M, C] or [B, M, C]."""

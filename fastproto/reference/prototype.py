@@ -22,6 +22,8 @@ from typing import Union
 
 import torch
 
+from fastproto.reference._precision import outside_autocast
+
 ATTN_NORM_EPS = 1e-12  # F.normalize default (INP-Former Prototype_Attention)
 COS_EPS = 1e-8  # F.cosine_similarity default (INP-Former coherence loss)
 
@@ -50,6 +52,7 @@ def head_scale(scale, num_heads: int, default: float, device, dtype) -> torch.Te
     return torch.full((num_heads, 1, 1), float(scale), device=device, dtype=dtype)
 
 
+@outside_autocast
 def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str = "relu_cos",
                         scale: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
     """``q`` [B, H, N, D], ``k`` [B, H, M, D] or shared [H, M, D], ``v`` like ``k`` with Dv.
@@ -120,6 +123,7 @@ def _mix(w: torch.Tensor, p: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.bmm(w.transpose(0, 1), p).transpose(0, 1)
 
 
+@outside_autocast
 def route(x: torch.Tensor, prototypes: torch.Tensor, *, mode: str = "nearest", tau: float = 1.0,
           per_location: bool = False):
     """Route tokens ``x`` [B, N, C] to ``prototypes`` [M, C], [B, M, C] or per-location [N, M, C].

@@ -40,6 +40,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from fastproto.reference._precision import outside_autocast
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -104,6 +106,7 @@ def plan_from_potentials(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, e
     return torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps)
 
 
+@outside_autocast
 def sinkhorn(cost: torch.Tensor, *, eps: float = 0.05, n_iters: int = 100, tol: float = 1e-6,
              a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(plan [B, N, K], loss [B])`` in the cost's dtype (see the module docstring).
@@ -123,6 +126,7 @@ def sinkhorn(cost: torch.Tensor, *, eps: float = 0.05, n_iters: int = 100, tol: 
     return plan.to(cost.dtype), loss.to(cost.dtype)
 
 
+@outside_autocast
 def squared_distance_cost(x: torch.Tensor, prototypes: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """``C_ik = ||x_i - p_k||^2`` [B, N, K] for ``x`` [B, N, C] and ``prototypes`` [K, C] or [B, K, C]
     (after L2-normalising both over C when ``normalize``), in float32 for half inputs, clamped at 0.
@@ -140,6 +144,7 @@ def squared_distance_cost(x: torch.Tensor, prototypes: torch.Tensor, normalize: 
     return cost.clamp_min(0.0)
 
 
+@outside_autocast
 def ot_alignment_loss(x: torch.Tensor, prototypes: torch.Tensor, *, eps: float = 0.05, normalize: bool = False,
                       n_iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """Mean over the batch of the Sinkhorn loss of :func:`squared_distance_cost`, uniform marginals."""
