@@ -276,17 +276,27 @@ def test_converted_model_computes_what_the_original_computes(training):
         assert _rel(g1[name], g0[name]) <= 1e-4, f"{name}: grad rel err {_rel(g1[name], g0[name]):.2e} (seed={seed})"
 
 
-def test_converted_layer_norm_returns_the_autocast_dtype():
+def test_converted_model_under_bf16_autocast_is_as_accurate_as_the_original():
+    """The converted LayerNorms return the autocast dtype, and the converted model under bfloat16 autocast stays as
+    close to the float32 original as the original itself does: the mean over 16 random models and inputs (one
+    model's max error is noisy: its ReLU-cosine attention amplifies the rounding, so single ratios reach 2 either
+    way; the means of 16 were within 0.76-1.11 of each other over 20 groups); no model above 0.25 (at most 0.08
+    over 320)."""
     seed = int.from_bytes(os.urandom(3), "little")
-    original = foreign_model(seed % 1000).eval()
-    converted = ops.convert(copy.deepcopy(original))
-    x = torch.randn(2, 9, DIM, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert original.norm(x).dtype == torch.float32 and converted.norm(x).dtype == torch.bfloat16
-        o0, o1 = original(x), converted(x)
-    with torch.no_grad():
-        exact = original(x)
-    assert _rel(o1.float(), exact) <= 3e-2 and _rel(o0.float(), exact) <= 3e-2, f"seed={seed}"
+    errs = []
+    for i in range(16):
+        original = foreign_model((seed + i) % 1000).eval()
+        converted = ops.convert(copy.deepcopy(original))
+        x = torch.randn(2, 9, DIM, generator=torch.Generator().manual_seed(seed + i))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert original.norm(x).dtype == torch.float32 and converted.norm(x).dtype == torch.bfloat16
+            o0, o1 = original(x), converted(x)
+        with torch.no_grad():
+            exact = original(x)
+        errs.append((_rel(o1.float(), exact), _rel(o0.float(), exact)))
+    converted_err, original_err = (sum(e) / len(errs) for e in zip(*errs))
+    assert converted_err <= 1.25 * original_err, f"mean rel err {converted_err:.2e} vs {original_err:.2e} (seed={seed})"
+    assert max(max(e) for e in errs) < 0.25, f"{errs} (seed={seed})"
 
 
 def test_converting_a_fastproto_model_changes_nothing():
